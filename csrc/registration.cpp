@@ -1,0 +1,22 @@
+// Schemas of every C++/CUDA op in namespace `mgpt`. Kernels register their implementations per device
+// in their own files (TORCH_LIBRARY_IMPL); fakes (meta) and autograd live in mgpt_ops/ (Python).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mgpt, m) {
+  // RL loss family: per-row statistics and gradient of a chunk of vocabulary logits.
+  // See mgpt_ops/rl/logprobs.py for the contract (shapes, dtypes, meaning of every field).
+  m.def(
+      "logits_row_stats(Tensor logits, Tensor labels, float inv_temperature, int vocab_start, "
+      "int ignore_index) -> Tensor");
+  m.def(
+      "logits_row_grad(Tensor logits, Tensor labels, Tensor lse, Tensor mean_z, Tensor grad_logprob, "
+      "Tensor grad_entropy, float inv_temperature, int vocab_start, int ignore_index, "
+      "ScalarType out_dtype) -> Tensor");
+}
+
+// A bare module init: the extension only registers ops with the dispatcher, so no pybind11 is needed.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

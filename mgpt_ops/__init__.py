@@ -1,0 +1,12 @@
+"""mgpt_ops: fused operators for post-training Qwen3-VL-class models.
+
+Every op is a ``torch.library`` custom op in namespace ``mgpt`` with a fake (meta) implementation and
+autograd, so it works under ``torch.compile(fullgraph=True)``. Backends are chosen by device; pin one with
+``mgpt_ops.use_backend(...)`` or ``MGPT_BACKEND``.
+"""
+
+from mgpt_ops import _ext  # noqa: F401  (load the compiled extension first: it defines the mgpt namespace)
+from mgpt_ops._backend import BACKENDS, use_backend
+
+__all__ = ["BACKENDS", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""Backend selection for every mgpt op.
+
+Each op has up to four faces: ``reference`` (plain PyTorch, the spec, float64-capable), ``triton``,
+``cpu`` (C++ kernel in ``mgpt_ops._C``) and ``cuda`` (CUDA kernel in ``mgpt_ops._C``). By default the
+op picks the best face available for the device of its inputs; users and benchmarks can pin one:
+
+    with mgpt_ops.use_backend("reference"):
+        ...
+
+or for a whole process with the environment variable ``MGPT_BACKEND=triton``. The context manager
+wins over the environment variable. Pinning a face that an op or device cannot run is an error,
+never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+ENV_VAR = "MGPT_BACKEND"
+
+_pinned: contextvars.ContextVar[str | None] = contextvars.ContextVar("mgpt_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Pin the backend of every mgpt op called inside the block (``None`` restores automatic choice)."""
+    if name is not None:
+        _check_name(name, "use_backend")
+    token = _pinned.set(name)
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def pinned_backend() -> str | None:
+    """The backend pinned by ``use_backend`` or ``MGPT_BACKEND``, or None for automatic choice."""
+    name = _pinned.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _check_name(env, ENV_VAR) if env else None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_extension() -> bool:
+    from mgpt_ops import _ext
+
+    return _ext.loaded()
+
+
+def has_cuda_kernels() -> bool:
+    from mgpt_ops import _ext
+
+    return _ext.loaded() and _ext.built_with_cuda()
+
+
+def available_backends(device: torch.device, faces: tuple[str, ...]) -> list[str]:
+    """Faces among ``faces`` (those an op implements) that can run on ``device`` in this process."""
+    out = []
+    for face in faces:
+        if face == "reference":
+            ok = True
+        elif face == "triton":
+            ok = device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+        elif face == "cpu":
+            ok = device.type == "cpu" and has_extension()
+        elif face == "cuda":
+            ok = device.type == "cuda" and has_cuda_kernels()
+        else:  # pragma: no cover - guarded by BACKENDS
+            ok = False
+        if ok:
+            out.append(face)
+    return out
+
+
+def choose_backend(op: str, device: torch.device, faces: tuple[str, ...], preference: dict[str, tuple[str, ...]]) -> str:
+    """Resolve the face ``op`` runs on ``device``.
+
+    ``faces``: faces the op implements. ``preference``: device type -> faces in order of preference for
+    automatic choice (the first available wins; ``reference`` is always available as the last resort).
+    """
+    pinned = pinned_backend()
+    usable = available_backends(device, faces)
+    if pinned is not None:
+        if pinned not in faces:
+            raise RuntimeError(f"mgpt.{op}: backend {pinned!r} is not implemented for this op; it has {faces}")
+        if pinned not in usable:
+            hint = {
+                "triton": "Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import",
+                "cpu": "the C++ extension mgpt_ops._C is not built, or the tensors are not on the CPU",
+                "cuda": "the extension was built without CUDA kernels, or the tensors are not on a CUDA device",
+            }.get(pinned, "")
+            raise RuntimeError(f"mgpt.{op}: backend {pinned!r} cannot run on {device} here ({hint})")
+        return pinned
+    for face in preference.get(device.type, ()) + ("reference",):
+        if face in usable:
+            return face
+    raise RuntimeError(f"mgpt.{op}: no backend can run on {device}")
