@@ -2,11 +2,13 @@
 
 Every op is a ``torch.library`` custom op in namespace ``mgpt`` with a fake (meta) implementation and
 autograd, so it works under ``torch.compile(fullgraph=True)``. Backends are chosen by device; pin one with
-``mgpt_ops.use_backend(...)`` or ``MGPT_BACKEND``.
+``mgpt_ops.use_backend(...)`` or the environment variable ``MGPT_BACKEND``.
 """
 
 from mgpt_ops import _ext  # noqa: F401  (load the compiled extension first: it defines the mgpt namespace)
 from mgpt_ops._backend import BACKENDS, use_backend
+from mgpt_ops.rl import fused_linear_logprobs, fused_linear_policy_loss, group_advantages, policy_loss
 
-__all__ = ["BACKENDS", "use_backend"]
+__all__ = ["BACKENDS", "use_backend", "fused_linear_logprobs", "fused_linear_policy_loss", "group_advantages",
+           "policy_loss"]
 __version__ = "0.1.0"

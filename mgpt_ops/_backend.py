@@ -8,8 +8,9 @@ op picks the best face available for the device of its inputs; users and benchma
         ...
 
 or for a whole process with the environment variable ``MGPT_BACKEND=triton``. The context manager
-wins over the environment variable. Pinning a face that an op or device cannot run is an error,
-never a silent fallback.
+wins over the environment variable. An op that has no such face at all (e.g. ``policy_loss`` has no C++
+face) keeps its automatic choice, so one pin can cover a pipeline of ops; an op that has the face but
+cannot run it on this device raises an error -- never a silent fallback.
 """
 
 from __future__ import annotations
@@ -96,9 +97,7 @@ def choose_backend(op: str, device: torch.device, faces: tuple[str, ...], prefer
     """
     pinned = pinned_backend()
     usable = available_backends(device, faces)
-    if pinned is not None:
-        if pinned not in faces:
-            raise RuntimeError(f"mgpt.{op}: backend {pinned!r} is not implemented for this op; it has {faces}")
+    if pinned is not None and pinned in faces:
         if pinned not in usable:
             hint = {
                 "triton": "Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import",

@@ -7,16 +7,20 @@ The package stays importable without it (pure-Python reference and Triton faces 
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 
 import torch
 
 _error: str | None = None
+_C = None
 try:
-    from mgpt_ops import _C  # noqa: F401  (registers the ops with the dispatcher)
-except ImportError as exc:  # pragma: no cover - depends on the install
-    _C = None
+    _C = importlib.import_module("mgpt_ops._C")  # registers the ops with the dispatcher
+except ModuleNotFoundError as exc:  # not built (e.g. a source checkout on PYTHONPATH): stay quiet
     _error = str(exc)
+except ImportError as exc:  # pragma: no cover - built but unloadable (ABI mismatch, missing libs): say so
+    _error = str(exc)
+    warnings.warn(f"mgpt_ops._C failed to load ({_error}); C++/CUDA backends are unavailable", stacklevel=2)
 
 
 def loaded() -> bool:
@@ -39,6 +43,3 @@ def require(op: str) -> None:
     if _C is None:
         raise RuntimeError(f"mgpt.{op}: the compiled extension mgpt_ops._C failed to import: {_error}")
 
-
-if _C is None and _error and "No module named" not in _error:  # pragma: no cover
-    warnings.warn(f"mgpt_ops._C failed to load ({_error}); C++/CUDA backends are unavailable", stacklevel=2)
