@@ -3,6 +3,9 @@
 #
 #   bash bench/device_check.sh RESULTS_DIR
 #
+# The device copy of the tree has no .git: pass the commit in, e.g. MGPT_COMMIT=$(git rev-parse HEAD) (expanded
+# where the command is written), so every result file records it.
+#
 # Meant for the lent GPU machine (H100/H200, python3 with torch+CUDA, triton, pytest, scikit-build-core,
 # cmake, ninja, nvcc; NO network): nothing here reaches an index. Run from anywhere; it works in the
 # repository that contains it. Each stage has its own time limit (seconds, override through the
@@ -35,7 +38,7 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=
 
 echo "== nvidia-smi"
 nvidia-smi || echo "(nvidia-smi failed)"
-note "device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+note "device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo "${MGPT_COMMIT:-?}")" \
      "dirty=$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo yes || echo no)"
 timeout 60 "$PY" -m bench --env --device cuda >"$R/env.json" 2>&1 || note "env capture failed (see env.json)"
 

@@ -88,6 +88,10 @@ def software() -> dict:
 def git_state() -> dict:
     commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     if commit is None:
+        # A copy without .git (the GPU machine gets the working tree only): the caller may pass it in.
+        passed = os.environ.get("MGPT_COMMIT")
+        if passed:
+            return {"commit": passed, "dirty": None, "note": "from MGPT_COMMIT (no .git in this copy)"}
         return {"commit": None, "dirty": None, "note": "not a git checkout (installed wheel?)"}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
