@@ -34,8 +34,9 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
 def cases(device: torch.device, quick: bool) -> list[CaseSpec]:
     faces = list(kernel_faces(device))
-    # policy_loss has no C++ face: on the CPU its implementation is what the op picks by itself.
-    policy_faces = faces if device.type == "cuda" else ["auto"]
+    # policy_loss has faces reference and triton only: on CUDA time the Triton kernel, on the CPU whatever
+    # the op picks by itself (a pinned face it lacks would silently mean its automatic choice).
+    policy_faces = ["triton"] if device.type == "cuda" else ["auto"]
     # fused_linear_policy_loss runs fused_linear_logprobs then policy_loss: one pinned face cannot suit
     # both (policy_loss has neither a C++ nor a CUDA face), so each op makes its own automatic choice.
     linear_faces = ["auto"]
