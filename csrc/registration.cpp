@@ -13,6 +13,16 @@ TORCH_LIBRARY(mgpt, m) {
       "logits_row_grad(Tensor logits, Tensor labels, Tensor lse, Tensor mean_z, Tensor grad_logprob, "
       "Tensor grad_entropy, float inv_temperature, int vocab_start, int ignore_index, "
       "ScalarType out_dtype) -> Tensor");
+
+  // Vision family: packed variable-length bidirectional attention with optional fused 2D RoPE.
+  // Contract (shapes, RoPE form, lse layout, gradients w.r.t. un-rotated q/k): mgpt_ops/vision/_contract.py.
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor? cos, "
+      "Tensor? sin, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens, int max_seqlen, Tensor? cos, Tensor? sin, float scale) -> (Tensor dq, Tensor dk, "
+      "Tensor dv)");
 }
 
 // A bare module init: the extension only registers ops with the dispatcher, so no pybind11 is needed.
