@@ -82,9 +82,9 @@ def run_and_compare(face, h, w, labels, b, g_lp, g_ent, *, temperature=1.0, igno
 @pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_reference_with_uneven_chunks(face, dtype, device):
-    # 37 rows in chunks of 8: four full chunks and a tail of 5; temperature != 1; bias; 20% ignored.
+    # V = 333 in vocabulary blocks of 100: three full blocks and a tail of 33; temperature != 1; bias; 20% ignored.
     inputs = make_inputs((37,), 24, 333, dtype, device)
-    run_and_compare(face, *inputs, temperature=0.8, chunk_size=8)
+    run_and_compare(face, *inputs, temperature=0.8, chunk_size=100)
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -101,7 +101,7 @@ def test_qwen_vocabulary_size(face, device):
     # fp32 autograd (the reference face) lands ~5e-5 from float64 here.
     h, w, labels, b, g_lp, g_ent = make_inputs((5,), 8, 151_936, torch.float32, device, ignored=0.0, seed=2)
     labels[0], labels[1] = 0, 151_935
-    run_and_compare(face, h, w, labels, b, g_lp, g_ent, temperature=0.9, chunk_size=2, tol=1e-4)
+    run_and_compare(face, h, w, labels, b, g_lp, g_ent, temperature=0.9, chunk_size=40_000, tol=1e-4)
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -113,7 +113,7 @@ def test_custom_ignore_index_int32_labels(face, ignore_index, temperature, devic
     labels[:3] = ignore_index
     labels = labels.to(torch.int32)
     lp, ent, _ = run_and_compare(face, h, w, labels, b, g_lp, g_ent, temperature=temperature,
-                                 ignore_index=ignore_index, chunk_size=6)
+                                 ignore_index=ignore_index, chunk_size=16)
     ignored = labels == ignore_index
     assert ignored.sum() >= 3 and (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
 
@@ -121,7 +121,7 @@ def test_custom_ignore_index_int32_labels(face, ignore_index, temperature, devic
 @pytest.mark.parametrize("face", FACES)
 def test_all_rows_ignored_give_zeros(face, device):
     h, w, labels, b, g_lp, g_ent = make_inputs((9,), 8, 30, torch.float32, device, ignored=1.0, seed=4)
-    lp, ent, grads = run_and_compare(face, h, w, labels, b, g_lp, g_ent, chunk_size=4)
+    lp, ent, grads = run_and_compare(face, h, w, labels, b, g_lp, g_ent, chunk_size=12)
     assert (lp == 0).all() and (ent == 0).all()
     assert all((g == 0).all() for g in grads)
 
@@ -138,7 +138,7 @@ def test_without_entropy_and_frozen_weight(face, device):
     h, w, labels, b, g_lp, _ = make_inputs((11,), 8, 29, torch.float32, device, bias=False, seed=6)
     h = h.clone().requires_grad_()
     with mgpt_ops.use_backend(face):
-        lp, ent = fused_linear_logprobs(h, w, labels, return_entropy=False, chunk_size=4)
+        lp, ent = fused_linear_logprobs(h, w, labels, return_entropy=False, chunk_size=10)
         assert ent is None
         (dh,) = torch.autograd.grad((lp * g_lp).sum(), (h,))
     hd = h.detach().double().requires_grad_()
@@ -161,10 +161,10 @@ def test_float64_runs_on_reference_only(device):
 @pytest.mark.parametrize("face", FACES)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 40), hidden_size=st.integers(1, 24), vocab=st.integers(1, 300),
-       chunk=st.integers(1, 45), seed=st.integers(0, 2**16))
-def test_random_shapes(face, n, hidden_size, vocab, chunk, seed):
+       blocks=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_random_shapes(face, n, hidden_size, vocab, blocks, seed):
     inputs = make_inputs((n,), hidden_size, vocab, torch.float32, torch.device(DEVICE), seed=seed)
-    run_and_compare(face, *inputs, temperature=1.1, chunk_size=chunk)
+    run_and_compare(face, *inputs, temperature=1.1, chunk_size=-(-vocab // blocks))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("face", CHUNKED_FACES)
 def test_never_materialises_full_logits(face, device):
-    n, vocab, chunk = 64, 300, 8  # H (16) < N so the weight-sized buffers stay below N * V too
+    n, vocab, chunk = 64, 300, 64  # H (16) < N so the weight-sized buffers stay below N * V too
     h, w, labels, b, g_lp, g_ent = make_inputs((n,), 16, vocab, torch.float32, device, seed=8)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     recorder = LargestTensor(device)
@@ -268,8 +268,8 @@ def test_never_materialises_full_logits(face, device):
         lp, ent = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], chunk_size=chunk)
         torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), leaves)
     assert {"mgpt::fused_linear_logprobs", "mgpt::fused_linear_logprobs_backward"} <= recorder.mgpt_ops
-    fp32 = 4  # bytes; the largest buffers allowed: one fp32 logits chunk, or the (upcast) weight and dW
-    assert recorder.largest <= fp32 * max(chunk * vocab, vocab * 16) < fp32 * n * vocab
+    fp32 = 4  # bytes; the largest buffers allowed: one fp32 logits block [N, chunk], or the weight-sized dW
+    assert recorder.largest <= fp32 * max(n * chunk, vocab * 16) < fp32 * n * vocab
 
     # The recorder does see a full [N, V] buffer when one exists: the reference face materialises it.
     sensitive = LargestTensor(device)
@@ -300,7 +300,7 @@ def test_compile_fullgraph_with_backward(face, device):
     h, w, labels, b, g_lp, g_ent = make_inputs((2, 6), 8, 40, torch.float32, device, seed=10)
 
     def loss_fn(h, w, b):
-        lp, ent = fused_linear_logprobs(h, w, labels, bias=b, temperature=0.9, chunk_size=5)
+        lp, ent = fused_linear_logprobs(h, w, labels, bias=b, temperature=0.9, chunk_size=16)
         return (lp * g_lp).sum() + (ent * g_ent).sum()
 
     torch._dynamo.reset()

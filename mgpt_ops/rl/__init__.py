@@ -2,7 +2,7 @@
 
 Layout (one file per face, findable side by side):
     _row_ops.py            contract of the per-row kernels (+ their plain-PyTorch statement and fakes)
-    logprobs.py            fused_linear_logprobs: chunk loop, custom ops, autograd, vocabulary parallelism
+    logprobs.py            fused_linear_logprobs: vocabulary-block loop, custom ops, autograd, vocabulary parallelism
     logprobs_triton.py     its Triton row kernels      (C++/CUDA twins: csrc/rl/logits_rows_*.{cpp,cu})
     policy_loss.py         policy_loss: formulas (reference face), custom op, autograd
     policy_loss_triton.py  its fused Triton kernel

@@ -6,20 +6,19 @@
 
 Tokens whose label is ``ignore_index`` get logprob 0, entropy 0 and no gradient.
 
-How (faces ``triton``, ``cpu``, ``cuda``): forward walks blocks of C rows: the fp32 logits block [C, V]
-(one matmul), then the row-stats kernel (max, sum of exps and centred sum per row; ``_row_ops.py``) gives
-lse, mean_z = sum_j p_j z_j and z_label. Backward walks blocks of the vocabulary holding the same number of
-elements (N x C*V/N): with lse and mean_z saved, the block's recomputed logits [N, cols] become final
-dlogits through the row-grad kernel, so dW[cols] = dlogits.T @ h and db[cols] are written once, and only
-dh += dlogits @ W[cols] accumulates (fp32, N x H). Memory is O(C x V) plus the gradients, never O(N x V),
-and there is no V x H fp32 accumulator.
+How (faces ``triton``, ``cpu``, ``cuda``): both passes walk blocks of the vocabulary (``chunk_size``
+entries each). Forward: the block's fp32 logits [N, cols] (one matmul) go through the row-stats kernel (max,
+sum of exps, centred sum per row; ``_row_ops.py``); block statistics merge exactly into lse,
+mean_z = sum_j p_j z_j and z_label. Backward: with lse and mean_z saved, each recomputed block becomes final
+dlogits [N, cols] through the row-grad kernel, so dW[cols] = dlogits.T @ h and db[cols] are written once,
+and only dh += dlogits @ W[cols] accumulates (fp32, N x H). Memory is O(N x chunk_size) plus the gradients,
+never O(N x V), and there is no V x H fp32 buffer.
 
 fp32 math for bf16/fp16 inputs:
 * CUDA: logits come from ``torch.mm(h, W.T, out_dtype=torch.float32)`` (bf16 tensor cores, fp32 output);
   dlogits are stored in the weight's dtype for the backward matmuls (fp32 accumulation inside them); dW is
   rounded to the weight dtype once per element; dh accumulates in fp32 and is rounded once at the end.
-* CPU (and CUDA torch without that overload): inputs are upcast; ``weight.float()`` is cached once per
-  forward and once per backward call, which costs V x H x 4 bytes and one pass over the weight each time.
+* CPU (and CUDA torch without that overload): h is upcast once ([N, H]) and each weight block as it is used.
 
 Faces: ``reference`` materialises all logits in fp32 (float64 for float64 inputs) with plain torch ops
 (log_softmax, gather) and differentiates them in closed form over all rows at once: it is the
@@ -27,10 +26,10 @@ specification, and the only face that takes float64. Automatic
 choice: CUDA -> triton, then cuda; CPU -> cpu; ``reference`` always last.
 
 Vocabulary parallelism (``process_group``): rank r holds weight rows [vocab_start_r, vocab_start_r + V_r)
-(and that slice of the bias); labels are global ids. Per-chunk row statistics of every shard are combined
-exactly with ``combine_row_stats`` (two all-reduces); dh is all-reduced (SUM) in fp32, dW/db stay local.
+(and that slice of the bias); labels are global ids. Each shard's row statistics are combined once, exactly,
+with ``combine_row_stats`` (two all-reduces); dh is all-reduced (SUM) in fp32, dW/db stay local.
 All ranks must pass the same hidden states and labels. TP calls are eager-only (a graph break under
-torch.compile, so ``fullgraph=True`` refuses them). With face ``reference`` they run the chunk loop with the
+torch.compile, so ``fullgraph=True`` refuses them). With face ``reference`` they run the block loop with the
 plain-PyTorch statement of the row kernels.
 
 Errors: shapes/dtypes/devices are checked in the wrapper; label range (a value check, one host sync) inside
@@ -53,14 +52,17 @@ from mgpt_ops.rl._row_ops import combine_row_stats, row_grad_torch, row_stats_to
 OP = "fused_linear_logprobs"
 FACES = ("reference", "triton", "cpu", "cuda")
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-# Size of one fp32 logits chunk [C, V] that the default chunk_size aims at.
+# Size of one fp32 logits block [N, cols] that the default chunk_size aims at.
 CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 64 << 20}
+# Fewest vocabulary columns per block even for huge N (thinner blocks make matmuls inefficient).
+MIN_BLOCK_COLS = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def default_chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk so that the fp32 logits chunk is about CHUNK_BYTES (at least 1 row)."""
-    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * max(vocab, 1)))
+def default_chunk_size(rows: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary entries per block so that the fp32 logits block [rows, cols] is about CHUNK_BYTES."""
+    cols = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * max(rows, 1))
+    return max(1, min(vocab, max(cols, MIN_BLOCK_COLS)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def check_label_range(labels: torch.Tensor, ignore_index: int, vocab: int) -> No
 
 
 # --------------------------------------------------------------------------------------------------------
-# The chunk loop shared by every chunked face
+# The vocabulary-block loops shared by every chunked face
 # --------------------------------------------------------------------------------------------------------
 def _has_fp32_out_mm(device: torch.device) -> bool:
     # torch >= 2.8 registers aten::mm.dtype (half operands, fp32 output) for CUDA only.
@@ -112,71 +114,85 @@ def _has_fp32_out_mm(device: torch.device) -> bool:
 
 
 class LinearChunks:
-    """The matmuls of the chunk loops with the fp32-math policy of the device (see the module docstring)."""
+    """The matmuls of the block loops with the fp32-math policy of the device (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.native = weight.dtype in _HALF_DTYPES and _has_fp32_out_mm(weight.device)
-        self.weight = weight if self.native else weight.to(self.acc_dtype)  # upcast copy: V x H x 4 bytes
-        self.bias = None if bias is None else bias.to(self.acc_dtype)
-        self.dlogits_dtype = weight.dtype if self.native else self.acc_dtype
+        self.weight, self.bias = weight, bias
 
     def operand(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.native else h.to(self.acc_dtype)
 
-    def logits(self, h: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
-        """fp32 logits of rows ``h`` (already an operand) against vocabulary block ``cols``."""
+    def block(self, cols: slice) -> torch.Tensor:
+        """W[cols] as a matmul operand (upcast per block where needed: never a V x H fp32 copy)."""
         w = self.weight[cols]
+        return w if self.native else w.to(self.acc_dtype)
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor, cols: slice) -> torch.Tensor:
+        """fp32 logits [N, cols] of operand ``h`` against the block ``w`` = ``block(cols)``."""
         out = torch.mm(h, w.T, out_dtype=torch.float32) if self.native else torch.mm(h, w.T)
         if self.bias is not None:
-            out += self.bias[cols]
+            out += self.bias[cols].to(out.dtype)
         return out
 
-    def accumulate_grad_hidden(self, acc: torch.Tensor, dlogits: torch.Tensor, cols: slice) -> None:
+    @property
+    def dlogits_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.native else self.acc_dtype
+
+    def accumulate_grad_hidden(self, acc: torch.Tensor, dlogits: torch.Tensor, w: torch.Tensor) -> None:
         if self.native:
-            torch.addmm(acc, dlogits, self.weight[cols], out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, dlogits, w, out_dtype=torch.float32, out=acc)
         else:
-            acc.addmm_(dlogits, self.weight[cols])
+            acc.addmm_(dlogits, w)
 
 
-def _slices(total: int, step: int):
+def _blocks(total: int, step: int):
     step = max(1, step)
     return (slice(i, min(total, i + step)) for i in range(0, total, step))
 
 
+def merge_row_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stats [N, 4] of two disjoint vocabulary blocks -> stats of their union (same rule as the all-reduce in
+    ``combine_row_stats``: re-centre both on the larger max, add; label logits add since only one is non-0)."""
+    m1, s1, u1, z1 = a.unbind(1)
+    m2, s2, u2, z2 = b.unbind(1)
+    m = torch.maximum(m1, m2)
+    e1, e2 = torch.exp(m1 - m), torch.exp(m2 - m)
+    return torch.stack([m, e1 * s1 + e2 * s2, e1 * (u1 + (m1 - m) * s1) + e2 * (u2 + (m2 - m) * s2), z1 + z2], 1)
+
+
 def chunked_forward(hidden, weight, labels, bias, kernels: RowKernels, inv_temperature: float, ignore_index: int,
-                    chunk_rows: int, vocab_start: int = 0, process_group=None):
+                    chunk_size: int, vocab_start: int = 0, process_group=None):
     """(logprob, entropy, lse) of every row of ``hidden`` [N, H] against the (shard of the) head ``weight``.
 
-    Walks blocks of rows: each block's fp32 logits [chunk_rows, V] are reduced to row statistics at once."""
+    Walks vocabulary blocks of ``chunk_size`` entries: each block's fp32 logits [N, cols] become row
+    statistics, merged across blocks, then across shards (one collective) under ``process_group``."""
     lin = LinearChunks(weight, bias)
     labels = labels.to(torch.int64).contiguous()
-    n = hidden.shape[0]
-    logprob, entropy, lse = (torch.empty(n, dtype=lin.acc_dtype, device=hidden.device) for _ in range(3))
-    for rows in _slices(n, chunk_rows):
-        chunk_labels = labels[rows]
-        stats = kernels.stats(lin.logits(lin.operand(hidden[rows])), chunk_labels, inv_temperature, vocab_start,
-                              ignore_index)
-        chunk_lse, mean_z, z_label = combine_row_stats(stats, process_group)
-        keep = chunk_labels != ignore_index
-        logprob[rows] = torch.where(keep, z_label - chunk_lse, 0.0)
-        entropy[rows] = torch.where(keep, chunk_lse - mean_z, 0.0)
-        lse[rows] = chunk_lse
-    return logprob, entropy, lse
+    h = lin.operand(hidden)
+    stats = None
+    for cols in _blocks(weight.shape[0], chunk_size):
+        block = kernels.stats(lin.logits(h, lin.block(cols), cols), labels, inv_temperature,
+                              vocab_start + cols.start, ignore_index)
+        stats = block if stats is None else merge_row_stats(stats, block)
+    lse, mean_z, z_label = combine_row_stats(stats, process_group)
+    keep = labels != ignore_index
+    return (torch.where(keep, z_label - lse, 0.0).to(lin.acc_dtype),
+            torch.where(keep, lse - mean_z, 0.0).to(lin.acc_dtype), lse.to(lin.acc_dtype))
 
 
 def chunked_backward(grad_logprob, grad_entropy, hidden, weight, labels, bias, lse, entropy, kernels: RowKernels,
-                     inv_temperature: float, ignore_index: int, chunk_rows: int, output_mask: Sequence[bool],
+                     inv_temperature: float, ignore_index: int, chunk_size: int, output_mask: Sequence[bool],
                      vocab_start: int = 0):
     """(d hidden, d weight, d bias) for the masked ones (others None); mean_z is recovered as lse - entropy.
 
-    Walks blocks of the VOCABULARY (same element budget as the forward's row blocks: chunk_rows x V): with
-    the forward's row statistics saved, every block's dlogits [N, cols] are final, so its slice of dW and db
-    is written once (one rounding to the weight dtype, no V x H fp32 accumulator), and only dh -- [N, H],
-    small -- accumulates, in fp32. Returns dh in fp32 (callers cast, after an all-reduce under TP)."""
+    Walks the same vocabulary blocks as the forward: with the row statistics saved, every block's dlogits
+    [N, cols] are final, so its slice of dW and db is written once (one rounding to the weight dtype, no
+    V x H fp32 accumulator), and only dh -- [N, H], small -- accumulates, in fp32. Returns dh in fp32 (callers
+    cast, after an all-reduce under TP)."""
     lin = LinearChunks(weight, bias)
     acc, device = lin.acc_dtype, hidden.device
-    n, vocab = hidden.shape[0], weight.shape[0]
     labels = labels.to(torch.int64).contiguous()
     lse = lse.to(acc).contiguous()
     mean_z = (lse - entropy.to(acc)).contiguous()
@@ -186,13 +202,13 @@ def chunked_backward(grad_logprob, grad_entropy, hidden, weight, labels, bias, l
     h = lin.operand(hidden)
     dh = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_w else None
-    db = torch.empty(vocab, dtype=bias.dtype, device=device) if need_b else None
-    cols_per_block = min(vocab, max(1, chunk_rows * vocab // max(n, 1)))
-    for cols in _slices(vocab, cols_per_block):
-        dlogits = kernels.grad(lin.logits(h, cols), labels, lse, mean_z, grad_logprob, grad_entropy,
+    db = torch.empty(weight.shape[0], dtype=bias.dtype, device=device) if need_b else None
+    for cols in _blocks(weight.shape[0], chunk_size):
+        w = lin.block(cols)
+        dlogits = kernels.grad(lin.logits(h, w, cols), labels, lse, mean_z, grad_logprob, grad_entropy,
                                inv_temperature, vocab_start + cols.start, ignore_index, lin.dlogits_dtype)
         if dh is not None:
-            lin.accumulate_grad_hidden(dh, dlogits, cols)
+            lin.accumulate_grad_hidden(dh, dlogits, w)
         if dw is not None:
             dw[cols] = torch.mm(dlogits.T, h)
         if db is not None:
@@ -253,9 +269,9 @@ def _fused_linear_logprobs_backward_op(
     # The reference face differentiates in closed form over all rows at once (the contract's plain-PyTorch
     # statement): autograd cannot record inside a custom op's implementation, where the dispatcher has
     # already excluded the autograd keys.
-    rows = hidden.shape[0] if face == "reference" else chunk_size
+    cols = weight.shape[0] if face == "reference" else chunk_size
     dh, dw, db = chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, bias, lse, entropy,
-                                  row_kernels(face), 1.0 / temperature, ignore_index, rows, output_mask)
+                                  row_kernels(face), 1.0 / temperature, ignore_index, cols, output_mask)
     grads = (None if dh is None else dh.to(hidden.dtype), dw, db)
     return tuple(g if (want and g is not None) else hidden.new_empty(0) for g, want in zip(grads, output_mask))
 
@@ -290,33 +306,31 @@ _fused_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_cont
 
 
 # --------------------------------------------------------------------------------------------------------
-# Vocabulary parallelism (eager autograd.Function over the same chunk loop)
+# Vocabulary parallelism (eager autograd.Function over the same block loops)
 # --------------------------------------------------------------------------------------------------------
-def _shard_layout(hidden, weight, chunk_size: int | None, group):
-    """One all_gather of (V_r, N, H, chunk_size) -> (vocab_start of this rank, global V, chunk rows).
-
-    The chunk size must be the same on every rank (each chunk runs collectives), so it is the smallest
-    requested one, or the default for the largest shard."""
+def _shard_layout(hidden, weight, group):
+    """One all_gather of (V_r, N, H) -> (vocab_start of this rank, global V). Shards may differ in size;
+    blocks are walked locally (the only collectives are one stats combine and one dh all-reduce), so each
+    rank may use its own chunk_size."""
     import torch.distributed as dist
 
-    mine = torch.tensor([weight.shape[0], hidden.shape[0], hidden.shape[1], chunk_size or 0],
-                        dtype=torch.int64, device=hidden.device)
+    mine = torch.tensor([weight.shape[0], hidden.shape[0], hidden.shape[1]], dtype=torch.int64,
+                        device=hidden.device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
-    shards, rows, widths, chunks = torch.stack(table).cpu().T.tolist()
+    shards, rows, widths = torch.stack(table).cpu().T.tolist()
     if len(set(rows)) != 1 or len(set(widths)) != 1:
         raise ValueError(f"mgpt.{OP}: every rank of 'process_group' must pass the same 'hidden' rows and "
                          f"width (tokens are replicated across vocabulary shards); got N={rows}, H={widths}")
     rank = dist.get_rank(group)
-    requested = [c for c in chunks if c > 0]
-    chunk = min(requested) if requested else default_chunk_rows(max(shards), hidden.device)
-    return sum(shards[:rank]), sum(shards), chunk
+    return sum(shards[:rank]), sum(shards)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, temperature, ignore_index, chunk_size, group):
-        vocab_start, vocab, chunk = _shard_layout(hidden, weight, chunk_size, group)
+        vocab_start, vocab = _shard_layout(hidden, weight, group)
+        chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
         check_label_range(labels, ignore_index, vocab)
         face = choose_face(hidden)
         logprob, entropy, lse = chunked_forward(hidden, weight, labels, bias, row_kernels(face), 1.0 / temperature,
@@ -387,7 +401,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         bias: optional [V] head bias. temperature: logits are divided by it (> 0).
         return_entropy: if False the second output is None (and costs nothing extra in backward).
         process_group: vocabulary-parallel group (see the module docstring); None = unsharded.
-        chunk_size: rows per chunk; default makes the fp32 logits chunk ~512 MiB on CUDA / ~64 MiB on CPU.
+        chunk_size: vocabulary entries per block (the fp32 logits block is N x chunk_size); the default
+            makes it ~512 MiB on CUDA / ~64 MiB on CPU (at least 256 columns).
 
     Returns:
         (logprobs [...], entropy [...] or None), fp32 (float64 for float64 inputs), differentiable with
@@ -401,7 +416,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         logprob, entropy = _vocab_parallel(flat_hidden, weight, flat_labels, bias, float(temperature),
                                            ignore_index, chunk_size, process_group)
     else:
-        chunk = chunk_size if chunk_size is not None else default_chunk_rows(weight.shape[0], hidden.device)
+        chunk = chunk_size or default_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
         logprob, entropy, _ = torch.ops.mgpt.fused_linear_logprobs(flat_hidden, weight, flat_labels, bias,
                                                                    float(temperature), ignore_index, chunk)
     return logprob.reshape(lead), (entropy.reshape(lead) if return_entropy else None)

@@ -49,6 +49,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def attention_reference(q, k, v, cu_seqlens, cos=None, sin=None, scale=None):
     """(out [N, H, D] in q's dtype, lse [H, N] fp32): one softmax attention per sequence, computed in fp32
     (float64 for float64 inputs), differentiable by autograd. The specification; slow (host loop)."""
+    out_dtype = q.dtype
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cos is not None:
@@ -63,7 +64,7 @@ def attention_reference(q, k, v, cu_seqlens, cos=None, sin=None, scale=None):
         outs.append((torch.softmax(scores, dim=-1) @ vs).transpose(0, 1))
     out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
     lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0)
-    return out.to(v.dtype if v.dtype == torch.float64 else q.dtype), lse.float()
+    return out.to(out_dtype), lse.float()
 
 
 if _ext.loaded():
