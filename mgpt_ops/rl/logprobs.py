@@ -59,10 +59,13 @@ MIN_BLOCK_COLS = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def default_chunk_size(rows: int, vocab: int, device: torch.device) -> int:
-    """Vocabulary entries per block so that the fp32 logits block [rows, cols] is about CHUNK_BYTES."""
-    cols = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * max(rows, 1))
-    return max(1, min(vocab, max(cols, MIN_BLOCK_COLS)))
+def default_chunk_size(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Vocabulary entries per block so that one block's fp32 buffers -- logits [N, cols], and the fp32 copy of
+    the weight block [cols, H] where the weight is upcast -- take about CHUNK_BYTES."""
+    rows, width = hidden.shape[0], weight.shape[1]
+    per_col = 4 * (rows + (0 if LinearChunks.is_native(weight) else width))
+    cols = CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cpu"]) // max(per_col, 1)
+    return max(1, min(weight.shape[0], max(cols, MIN_BLOCK_COLS)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,8 +121,13 @@ class LinearChunks:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.native = weight.dtype in _HALF_DTYPES and _has_fp32_out_mm(weight.device)
+        self.native = self.is_native(weight)
         self.weight, self.bias = weight, bias
+
+    @staticmethod
+    def is_native(weight: torch.Tensor) -> bool:
+        """True where half-precision operands feed the matmuls directly (fp32 output), i.e. no upcast."""
+        return weight.dtype in _HALF_DTYPES and _has_fp32_out_mm(weight.device)
 
     def operand(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.native else h.to(self.acc_dtype)
@@ -249,7 +257,7 @@ def _fused_linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels
     if face == "reference":
         return _reference_outputs(hidden, weight, labels, bias, temperature, ignore_index)
     return chunked_forward(hidden, weight, labels, bias, row_kernels(face), 1.0 / temperature, ignore_index,
-                           chunk_size)
+                           chunk_size or default_chunk_size(hidden, weight))
 
 
 @_fused_linear_logprobs_op.register_fake
@@ -269,7 +277,7 @@ def _fused_linear_logprobs_backward_op(
     # The reference face differentiates in closed form over all rows at once (the contract's plain-PyTorch
     # statement): autograd cannot record inside a custom op's implementation, where the dispatcher has
     # already excluded the autograd keys.
-    cols = weight.shape[0] if face == "reference" else chunk_size
+    cols = weight.shape[0] if face == "reference" else (chunk_size or default_chunk_size(hidden, weight))
     dh, dw, db = chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, bias, lse, entropy,
                                   row_kernels(face), 1.0 / temperature, ignore_index, cols, output_mask)
     grads = (None if dh is None else dh.to(hidden.dtype), dw, db)
@@ -330,7 +338,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, temperature, ignore_index, chunk_size, group):
         vocab_start, vocab = _shard_layout(hidden, weight, group)
-        chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
+        chunk = chunk_size or default_chunk_size(hidden, weight)
         check_label_range(labels, ignore_index, vocab)
         face = choose_face(hidden)
         logprob, entropy, lse = chunked_forward(hidden, weight, labels, bias, row_kernels(face), 1.0 / temperature,
@@ -402,7 +410,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return_entropy: if False the second output is None (and costs nothing extra in backward).
         process_group: vocabulary-parallel group (see the module docstring); None = unsharded.
         chunk_size: vocabulary entries per block (the fp32 logits block is N x chunk_size); the default
-            makes it ~512 MiB on CUDA / ~64 MiB on CPU (at least 256 columns).
+            makes a block's fp32 buffers ~512 MiB on CUDA / ~64 MiB on CPU (at least 256 columns).
 
     Returns:
         (logprobs [...], entropy [...] or None), fp32 (float64 for float64 inputs), differentiable with
@@ -416,7 +424,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         logprob, entropy = _vocab_parallel(flat_hidden, weight, flat_labels, bias, float(temperature),
                                            ignore_index, chunk_size, process_group)
     else:
-        chunk = chunk_size or default_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
+        chunk = chunk_size or 0  # 0: the op picks default_chunk_size (a device query, kept out of traced code)
         logprob, entropy, _ = torch.ops.mgpt.fused_linear_logprobs(flat_hidden, weight, flat_labels, bias,
                                                                    float(temperature), ignore_index, chunk)
     return logprob.reshape(lead), (entropy.reshape(lead) if return_entropy else None)
