@@ -11,4 +11,5 @@ To add a family: write ``bench/<module>.py`` with ``cases(device, quick) -> list
 
 FAMILIES = {
     "rl": "bench.rl_losses",
+    "vision": "bench.vision_attention",
 }

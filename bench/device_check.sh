@@ -10,17 +10,19 @@
 # cmake, ninja, nvcc; NO network): nothing here reaches an index. Run from anywhere; it works in the
 # repository that contains it. Each stage has its own time limit (seconds, override through the
 # environment) so one hang cannot eat the budget; a failed build does not stop the rest (Triton paths
-# still run). Default limits add up to ~8 minutes.
+# still run). Default limits add up to ~8.5 minutes.
 #
-# Order: build, benchmarks (they check correctness against the baseline first), tests.
-# Writes flat into RESULTS_DIR (8 files at most): env.json build.log tests.log tests.xml bench.log
-# rl_cuda.json rl_cuda.png summary.txt
+# Order: build, benchmarks (one run per family, each with its own limit; they check correctness against the
+# baselines first), tests.
+# Writes flat into RESULTS_DIR (8 files at most): env.json log.txt (build, bench and test logs, one section
+# each) tests.xml rl_cuda.json rl_cuda.png vision_cuda.json vision_cuda.png summary.txt
 set -uo pipefail
 
 R=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-210}
-TEST_TIMEOUT=${TEST_TIMEOUT:-120}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-180}
+TEST_TIMEOUT=${TEST_TIMEOUT:-110}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-110}  # per family
+BENCH_FAMILIES=${BENCH_FAMILIES:-rl vision}
 # pytest selection; distributed tests are CPU/gloo tests: nothing about them changes on a GPU.
 TEST_ARGS=${TEST_ARGS-'-m "not distributed" tests/'}
 # extra bench arguments, e.g. BENCH_ARGS='--only "N=8192"' to fit a short lease
@@ -33,6 +35,10 @@ cd "$(dirname "$0")/.."
 SUMMARY="$R/summary.txt"
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
+# Stage logs are written to a scratch folder and appended to log.txt as each stage ends (the file limit).
+LOGS=$(mktemp -d)
+: >"$R/log.txt"
+keep_log() { { echo "===== $1"; cat "$LOGS/$1"; echo; } >>"$R/log.txt"; }
 # Never let pip look for an index (no network there), nor refuse a system Python (PEP 668).
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 
@@ -45,8 +51,8 @@ timeout 60 "$PY" -m bench --env --device cuda >"$R/env.json" 2>&1 || note "env c
 # ---- CUTLASS headers: the wheel travels in the ignored folder .cutlass/
 CUTLASS_DIR=/tmp/cutlass
 if ls .cutlass/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-deps --target "$CUTLASS_DIR" .cutlass/*.whl >"$R/build.log" 2>&1 \
-    || note "cutlass wheel install failed (see build.log)"
+  "$PY" -m pip install -q --no-deps --target "$CUTLASS_DIR" .cutlass/*.whl >"$LOGS/build.log" 2>&1 \
+    || note "cutlass wheel install failed (see build.log in log.txt)"
   export PYTHONPATH="$CUTLASS_DIR${PYTHONPATH:+:$PYTHONPATH}"
 else
   note "no .cutlass/*.whl in the checkout: CUTLASS kernels will be skipped by CMake"
@@ -60,24 +66,29 @@ rm -f mgpt_ops/_C*.so
 rm -rf /tmp/mgpt_wheel
 start=$SECONDS
 CMAKE_BUILD_PARALLEL_LEVEL=16 MGPT_CUDA=on timeout -k 10 "$BUILD_TIMEOUT" \
-  "$PY" -m pip install --no-build-isolation --no-deps -v --target /tmp/mgpt_wheel . >>"$R/build.log" 2>&1
+  "$PY" -m pip install --no-build-isolation --no-deps -v --target /tmp/mgpt_wheel . >>"$LOGS/build.log" 2>&1
 rc=$?
-if [ $rc -eq 0 ] && cp /tmp/mgpt_wheel/mgpt_ops/_C*.so mgpt_ops/ 2>>"$R/build.log"; then
+if [ $rc -eq 0 ] && cp /tmp/mgpt_wheel/mgpt_ops/_C*.so mgpt_ops/ 2>>"$LOGS/build.log"; then
   note "build: ok in $((SECONDS - start)) s"
 else
   note "build: FAILED rc=$rc after $((SECONDS - start)) s (124 = time limit); Triton faces still run. Tail:"
-  tail -n 15 "$R/build.log" | tee -a "$SUMMARY"
+  tail -n 15 "$LOGS/build.log" | tee -a "$SUMMARY"
 fi
+keep_log build.log
 "$PY" -c "import mgpt_ops._ext as e; print('extension loaded:', e.loaded(), '| CUDA kernels:', e.built_with_cuda(), \
 '| error:', e.load_error())" 2>&1 | tee -a "$SUMMARY"
 
 # ---- benchmarks (the JSON is rewritten after every case, so a time-out keeps the finished ones)
-echo "== bench (limit ${BENCH_TIMEOUT}s)"
-start=$SECONDS
-eval "timeout -s INT -k 20 $BENCH_TIMEOUT $PY -m bench --device cuda --out $R $BENCH_ARGS" >"$R/bench.log" 2>&1
-rc=$?
-note "bench: rc=$rc in $((SECONDS - start)) s (progress in bench.log)"
-[ $rc -ne 0 ] && tail -n 15 "$R/bench.log" | tee -a "$SUMMARY"
+for family in $BENCH_FAMILIES; do
+  echo "== bench $family (limit ${BENCH_TIMEOUT}s)"
+  start=$SECONDS
+  eval "timeout -s INT -k 20 $BENCH_TIMEOUT $PY -m bench --family $family --device cuda --out $R $BENCH_ARGS" \
+    >"$LOGS/bench_$family.log" 2>&1
+  rc=$?
+  note "bench $family: rc=$rc in $((SECONDS - start)) s (progress in log.txt)"
+  [ $rc -ne 0 ] && tail -n 15 "$LOGS/bench_$family.log" | tee -a "$SUMMARY"
+  keep_log "bench_$family.log"
+done
 
 # ---- toolchain facts that explain extension crashes (which C++ runtime the extension binds to)
 { echo "g++: $(g++ --version 2>/dev/null | head -n 1)"; echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)";
@@ -89,17 +100,21 @@ note "bench: rc=$rc in $((SECONDS - start)) s (progress in bench.log)"
 echo "== tests (limit ${TEST_TIMEOUT}s)"
 start=$SECONDS
 eval "MGPT_TEST_DEVICE=cuda timeout -s INT -k 20 $TEST_TIMEOUT $PY -m pytest -q -p no:cacheprovider \
-  -o faulthandler_timeout=60 --junitxml=$R/tests.xml $TEST_ARGS" >"$R/tests.log" 2>&1
+  -o faulthandler_timeout=60 --junitxml=$R/tests.xml $TEST_ARGS" >"$LOGS/tests.log" 2>&1
 rc=$?
-note "tests: rc=$rc in $((SECONDS - start)) s: $(grep -E '(passed|failed|error|no tests ran)' "$R/tests.log" | tail -n 1)"
-grep -E '^(FAILED|ERROR) ' "$R/tests.log" | head -n 20 | tee -a "$SUMMARY"
+note "tests: rc=$rc in $((SECONDS - start)) s: $(grep -E '(passed|failed|error|no tests ran)' "$LOGS/tests.log" | tail -n 1)"
+grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | head -n 20 | tee -a "$SUMMARY"
+keep_log tests.log
 
 # ---- the short table, last
 echo >>"$SUMMARY"
 if ls "$R"/*_cuda.json >/dev/null 2>&1; then
   "$PY" -m bench --table "$R"/*_cuda.json >>"$SUMMARY" 2>&1
+  # the vision goals (vs the fastest baseline, forward vs the matmul peak) are not table columns
+  [ -f "$R/vision_cuda.json" ] && "$PY" -m bench.vision_attention "$R/vision_cuda.json" >>"$SUMMARY" 2>&1
 else
   echo "no benchmark results" >>"$SUMMARY"
 fi
 echo "== summary"
 cat "$SUMMARY"
+rm -rf "$LOGS"
