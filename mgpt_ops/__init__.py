@@ -8,7 +8,10 @@ autograd, so it works under ``torch.compile(fullgraph=True)``. Backends are chos
 from mgpt_ops import _ext  # noqa: F401  (load the compiled extension first: it defines the mgpt namespace)
 from mgpt_ops._backend import BACKENDS, use_backend
 from mgpt_ops.rl import fused_linear_logprobs, fused_linear_policy_loss, group_advantages, policy_loss
+from mgpt_ops.vision import (PatchHandle, patch_qwen2_5_vl, patch_qwen3_vl, vision_attention,
+                             vision_attention_packed)
 
 __all__ = ["BACKENDS", "use_backend", "fused_linear_logprobs", "fused_linear_policy_loss", "group_advantages",
-           "policy_loss"]
+           "policy_loss", "vision_attention", "vision_attention_packed", "patch_qwen2_5_vl", "patch_qwen3_vl",
+           "PatchHandle"]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ reproducible; ``deterministic`` is accepted for API parity with FlashAttention a
 Checks: shapes, dtypes, devices and layouts in the public wrappers (traceable); the VALUES of ``cu_seqlens``
 (starts at 0, non-decreasing, ends at N, longest sequence <= ``max_seqlen``) inside the forward op, which
 costs one copy of the S + 1 offsets to the host (a sync on CUDA). The result is remembered for that tensor
-object and version, so the 27 blocks of a ViT forward sharing one ``cu_seqlens`` pay it once.
+object and version, so the blocks of a ViT forward sharing one ``cu_seqlens`` pay it once.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def attention_backward_reference(dout, q, k, v, out, lse, cu_seqlens, cos, sin, 
     work = torch.float32
     qr, kr = q.to(work), k.to(work)
     if cos is not None:
-        qr, kr = (x.to(work) * cos[:, None, :] + rotate_half(x.to(work)) * sin[:, None, :] for x in (q, k))
+        qr, kr = (x * cos[:, None, :] + rotate_half(x) * sin[:, None, :] for x in (qr, kr))
     vw, dow, ow = v.to(work), dout.to(work), out.to(work)
     dq, dk, dv = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (q, k, v))
     bounds = cu_seqlens.tolist()
@@ -140,7 +140,9 @@ _checked: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref, version, last off
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int) -> None:
     key = id(cu_seqlens)
     seen = _checked.get(key)
-    if seen is not None and seen[0]() is cu_seqlens and seen[1] == cu_seqlens._version:
+    # Inference tensors keep no version counter (and can change in place inside inference mode): never cached.
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    if version is not None and seen is not None and seen[0]() is cu_seqlens and seen[1] == version:
         last, longest = seen[2], seen[3]
     else:
         offsets = cu_seqlens.to("cpu", torch.int64)
@@ -153,8 +155,8 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen:
             raise ValueError(f"{where} must be non-decreasing, got cu_seqlens[{s}]={int(offsets[s])} > "
                              f"cu_seqlens[{s + 1}]={int(offsets[s + 1])}")
         last, longest = int(offsets[-1]), int(lengths.max()) if lengths.numel() else 0
-        _checked[key] = (weakref.ref(cu_seqlens, lambda _: _checked.pop(key, None)), cu_seqlens._version, last,
-                         longest)
+        if version is not None:
+            _checked[key] = (weakref.ref(cu_seqlens, lambda _: _checked.pop(key, None)), version, last, longest)
     if last != n_tokens:
         raise ValueError(f"mgpt.{OP}: argument 'cu_seqlens' must end at N={n_tokens} (the tokens of q), got {last}")
     if longest > max_seqlen:
@@ -272,6 +274,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, cos, sin, scale, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a plain array
     out, _ = torch.ops.mgpt.vision_attention(q, k, v, cu_seqlens, max_seqlen, cos, sin, scale, deterministic)
     return out
 

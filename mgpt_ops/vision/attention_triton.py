@@ -12,7 +12,8 @@ Work split (every kernel: ONE launch for all sequences, no host sync)
                dS = P * (dP - delta) and dq' = scale * dS k' over the key blocks.
     dk, dv     one program per key block, over the query blocks: dv = P^T dout, dk' = scale * dS^T q'.
     Each gradient row is owned by exactly one program, so there are no atomics: the backward is bitwise
-    deterministic, whatever the ``deterministic`` flag says.
+    deterministic, whatever the ``deterministic`` flag says. Inner-loop blocks that lie wholly inside the
+    sequence skip the boundary select on the scores; only the last, partial block pays it.
 
 Head dims without padding to a power of two
     D is split into two power-of-two column pieces, A = [0, DA) and B = [DA, DA + DB) masked past D:
@@ -26,16 +27,17 @@ RoPE (x' = x cos + rotate_half(x) sin, in fp32, rounded to the input dtype as Hu
     for any split of D without register shuffles. q is rotated in the forward kernel's prologue (once per
     program). k is rotated once, by ``_rope_kernel``, into a [N, H, D] buffer: rotating it inside the key
     loop would re-read cos and sin (8 bytes per element in fp32) in every query-block program and triple the
-    loop's L2 traffic, which already limits a D = 72 kernel. The backward rotates q and k the same way.
+    loop's L2 traffic, which already limits a D = 72 kernel. The backward rotates q and k again (the op saves
+    only its inputs, out and lse).
     Gradient transpose: dx[c] = dx'[c] cos[c] +/- dx'[partner(c)] sin[partner(c)] needs partner columns of an
     fp32 accumulator, i.e. of registers held by other threads: the program stores its dx' tile to an fp32
     scratch [N, H, D], waits at a CTA barrier and reads the partner columns back (its own fresh lines, L1/L2
     hits). The scratch (N H D x 4 bytes, like FlashAttention-2's dq accumulator) serves dq then dk.
 
 Interpreter (TRITON_INTERPRET=1, CPU tests): ``INTERPRETER`` casts dot operands to fp32 (bf16 tl.dot is
-silently wrong there) and walks the blocks with ``while`` loops (``range`` over a runtime bound fails
-there); compiled kernels use ``tl.range`` loops, which Triton software-pipelines. Offsets are int64: N H D
-exceeds 2^31 at N ~ 10^6.
+silently wrong there), rounds fp32 -> bf16 casts by hand (the interpreter truncates them) and walks the
+blocks with ``while`` loops (``range`` over a runtime bound fails there); compiled kernels use ``tl.range``
+loops, which Triton software-pipelines. Offsets are int64: N H D exceeds 2^31 at N ~ 10^6.
 """
 
 from __future__ import annotations
@@ -79,8 +81,20 @@ def _load(base, tok, row_ok, stride_n, cols, col_ok):
 
 
 @_device_fn
-def _store(base, tok, row_ok, stride_n, cols, col_ok, tile):
-    tl.store(base + tok[:, None] * stride_n + cols[None, :], tile.to(base.dtype.element_ty),
+def _to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. The interpreter truncates fp32 -> bf16 (a bias of -2^-9 on every
+    value), so there the bits are rounded first and the cast only drops zeros."""
+    if INTERPRETER:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@_device_fn
+def _store(base, tok, row_ok, stride_n, cols, col_ok, tile, INTERPRETER: tl.constexpr):
+    tl.store(base + tok[:, None] * stride_n + cols[None, :], _to(tile, base.dtype.element_ty, INTERPRETER),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -115,16 +129,16 @@ def _unrotate(grad, SCRATCH, tok, row_ok, stride_sn, cols, col_ok, COS, SIN, str
 
 @_device_fn
 def _store_grad(grad_a, grad_b, OUT, stride_on, SCRATCH, stride_sn, tok, row_ok, cols_a, cols_b, ok_a, ok_b,
-                COS, SIN, stride_cs, HALF: tl.constexpr, ROPE: tl.constexpr):
+                COS, SIN, stride_cs, HALF: tl.constexpr, ROPE: tl.constexpr, INTERPRETER: tl.constexpr):
     """Store the gradient of the un-rotated input (see the module docstring: scratch, barrier, partners)."""
     if ROPE:
-        _store(SCRATCH, tok, row_ok, stride_sn, cols_a, ok_a, grad_a)
-        _store(SCRATCH, tok, row_ok, stride_sn, cols_b, ok_b, grad_b)
+        _store(SCRATCH, tok, row_ok, stride_sn, cols_a, ok_a, grad_a, INTERPRETER)
+        _store(SCRATCH, tok, row_ok, stride_sn, cols_b, ok_b, grad_b, INTERPRETER)
         tl.debug_barrier()  # every thread's dx' columns are in SCRATCH before any thread reads partners
         grad_a, grad_b = (_unrotate(grad_a, SCRATCH, tok, row_ok, stride_sn, cols_a, ok_a, COS, SIN, stride_cs, HALF),
                           _unrotate(grad_b, SCRATCH, tok, row_ok, stride_sn, cols_b, ok_b, COS, SIN, stride_cs, HALF))
-    _store(OUT, tok, row_ok, stride_on, cols_a, ok_a, grad_a)
-    _store(OUT, tok, row_ok, stride_on, cols_b, ok_b, grad_b)
+    _store(OUT, tok, row_ok, stride_on, cols_a, ok_a, grad_a, INTERPRETER)
+    _store(OUT, tok, row_ok, stride_on, cols_b, ok_b, grad_b, INTERPRETER)
 
 
 @_device_fn
@@ -149,7 +163,7 @@ def _scores(x_a, x_b, y_a, y_b, qk_scale, INTERPRETER: tl.constexpr, PRECISION: 
 @triton.jit
 def _rope_kernel(X, OUT, COS, SIN, stride_xn, stride_xh, stride_on, stride_oh, stride_cs, n_tokens,
                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
+                 BLOCK_T: tl.constexpr, INTERPRETER: tl.constexpr):
     """OUT[:, h] = rotated X[:, h] in X's dtype; grid (cdiv(N, BLOCK_T), H)."""
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1).to(tl.int64)
@@ -158,22 +172,25 @@ def _rope_kernel(X, OUT, COS, SIN, stride_xn, stride_xh, stride_on, stride_oh, s
     ok_a, ok_b = cols_a < HEAD_DIM, cols_b < HEAD_DIM
     x_base, out_base = X + head * stride_xh, OUT + head * stride_oh
     x_a = _load_rotated(x_base, tok, row_ok, stride_xn, cols_a, ok_a, COS, SIN, stride_cs, HALF)
-    _store(out_base, tok, row_ok, stride_on, cols_a, ok_a, x_a)
+    _store(out_base, tok, row_ok, stride_on, cols_a, ok_a, x_a, INTERPRETER)
     x_b = _load_rotated(x_base, tok, row_ok, stride_xn, cols_b, ok_b, COS, SIN, stride_cs, HALF)
-    _store(out_base, tok, row_ok, stride_on, cols_b, ok_b, x_b)
+    _store(out_base, tok, row_ok, stride_on, cols_b, ok_b, x_b, INTERPRETER)
 
 
 @_device_fn
 def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length, stride_kn, stride_vn, cols_a,
-              cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr,
+              cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, INTERPRETER: tl.constexpr,
               PRECISION: tl.constexpr):
-    """One key block of the online softmax (log2 domain): rescale by 2^(m_old - m_new), add P V."""
+    """One key block of the online softmax (log2 domain): rescale by 2^(m_old - m_new), add P V. MASK: the
+    block runs past the sequence's end (only the last one does; the others skip the select)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < length
     tok_n = start + offs_n
     k_a = _load(k_base, tok_n, key_ok, stride_kn, cols_a, ok_a)
     k_b = _load(k_base, tok_n, key_ok, stride_kn, cols_b, ok_b)
-    s = tl.where(key_ok[None, :], _scores(q_a, q_b, k_a, k_b, qk_scale, INTERPRETER, PRECISION), _NEG_INF)
+    s = _scores(q_a, q_b, k_a, k_b, qk_scale, INTERPRETER, PRECISION)
+    if MASK:
+        s = tl.where(key_ok[None, :], s, _NEG_INF)
     # The block's first key is inside the sequence, so m_new is finite and 2^(-inf - m_new) = 0 below.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -181,7 +198,7 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, lengt
     l_i = l_i * alpha + tl.sum(p, 1)
     v_a = _load(v_base, tok_n, key_ok, stride_vn, cols_a, ok_a)
     v_b = _load(v_base, tok_n, key_ok, stride_vn, cols_b, ok_b)
-    p = p.to(v_a.dtype)  # P in the input dtype for the tensor-core P V, as FlashAttention does
+    p = _to(p, v_a.dtype, INTERPRETER)  # P in the input dtype for the tensor-core P V, as FlashAttention does
     acc_a = _dot(p, v_a, acc_a * alpha[:, None], INTERPRETER, PRECISION)
     acc_b = _dot(p, v_b, acc_b * alpha[:, None], INTERPRETER, PRECISION)
     return m_new, l_i, acc_a, acc_b
@@ -206,7 +223,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, COS, SIN, stride_qn, stride_qh, stri
     if ROPE:
         q_a = _load_rotated(q_base, tok_m, row_ok, stride_qn, cols_a, ok_a, COS, SIN, stride_cs, HALF)
         q_b = _load_rotated(q_base, tok_m, row_ok, stride_qn, cols_b, ok_b, COS, SIN, stride_cs, HALF)
-        q_a, q_b = q_a.to(Q.dtype.element_ty), q_b.to(Q.dtype.element_ty)
+        q_a, q_b = _to(q_a, Q.dtype.element_ty, INTERPRETER), _to(q_b, Q.dtype.element_ty, INTERPRETER)
     else:
         q_a = _load(q_base, tok_m, row_ok, stride_qn, cols_a, ok_a)
         q_b = _load(q_base, tok_m, row_ok, stride_qn, cols_b, ok_b)
@@ -216,29 +233,34 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, COS, SIN, stride_qn, stride_qh, stri
     acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
     k_base, v_base = K + head * stride_kh, V + head * stride_vh
+    full_end = length - length % BLOCK_N  # key blocks before it lie inside the sequence
     if INTERPRETER:
         n0 = 0
-        while n0 < length:
+        while n0 < full_end:
             m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length,
                                                stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
-                                               INTERPRETER, PRECISION)
+                                               False, INTERPRETER, PRECISION)
             n0 += BLOCK_N
     else:
-        for n0 in tl.range(0, length, BLOCK_N):
+        for n0 in tl.range(0, full_end, BLOCK_N):
             m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length,
                                                stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
-                                               INTERPRETER, PRECISION)
+                                               False, INTERPRETER, PRECISION)
+    if full_end < length:
+        m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, full_end, length,
+                                           stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True,
+                                           INTERPRETER, PRECISION)
 
     out_base = OUT + head * stride_oh
-    _store(out_base, tok_m, row_ok, stride_on, cols_a, ok_a, acc_a / l_i[:, None])
-    _store(out_base, tok_m, row_ok, stride_on, cols_b, ok_b, acc_b / l_i[:, None])
+    _store(out_base, tok_m, row_ok, stride_on, cols_a, ok_a, acc_a / l_i[:, None], INTERPRETER)
+    _store(out_base, tok_m, row_ok, stride_on, cols_b, ok_b, acc_b / l_i[:, None], INTERPRETER)
     tl.store(LSE + head * n_tokens + tok_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
 
 
 @_device_fn
 def _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length, stride_kn,
-             stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr,
-             PRECISION: tl.constexpr):
+             stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+             INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
     """dq' += dS k' over one key block, dS = P * (dP - delta), P = 2^(scores - lse log2 e)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < length
@@ -248,9 +270,10 @@ def _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, star
     v_a = _load(v_base, tok_n, key_ok, stride_vn, cols_a, ok_a)
     v_b = _load(v_base, tok_n, key_ok, stride_vn, cols_b, ok_b)
     p = tl.exp2(_scores(q_a, q_b, k_a, k_b, qk_scale, INTERPRETER, PRECISION) - lse2[:, None])
-    p = tl.where(key_ok[None, :], p, 0.0)
+    if MASK:
+        p = tl.where(key_ok[None, :], p, 0.0)
     dp = _scores(do_a, do_b, v_a, v_b, 1.0, INTERPRETER, PRECISION)
-    ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+    ds = _to(p * (dp - delta[:, None]), k_a.dtype, INTERPRETER)
     dq_a = _dot(ds, k_a, dq_a, INTERPRETER, PRECISION)
     dq_b = _dot(ds, k_b, dq_b, INTERPRETER, PRECISION)
     return dq_a, dq_b
@@ -286,26 +309,32 @@ def _attn_bwd_dq_kernel(Q, K, V, OUT, DOUT, LSE, DELTA, DQ, SCRATCH, CU, COS, SI
     dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
     dq_b = tl.zeros([BLOCK_M, DB], tl.float32)
     k_base, v_base = K + head * stride_kh, V + head * stride_vh
+    full_end = length - length % BLOCK_N
     if INTERPRETER:
         n0 = 0
-        while n0 < length:
+        while n0 < full_end:
             dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length,
-                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, INTERPRETER,
-                                  PRECISION)
+                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
+                                  INTERPRETER, PRECISION)
             n0 += BLOCK_N
     else:
-        for n0 in tl.range(0, length, BLOCK_N):
+        for n0 in tl.range(0, full_end, BLOCK_N):
             dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length,
-                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, INTERPRETER,
-                                  PRECISION)
+                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
+                                  INTERPRETER, PRECISION)
+    if full_end < length:
+        dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, full_end, length,
+                              stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True, INTERPRETER,
+                              PRECISION)
     _store_grad(dq_a * sm_scale, dq_b * sm_scale, DQ + head * stride_dh, stride_dn, SCRATCH + head * stride_dh,
-                stride_dn, tok_m, row_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE)
+                stride_dn, tok_m, row_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE,
+                INTERPRETER)
 
 
 @_device_fn
 def _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, LSE_H, DELTA_H, start, m0, length,
                stride_qn, stride_dn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_M: tl.constexpr,
-               INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
+               MASK: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
     """dv += P^T dout, dk' += dS^T q' over one query block (P^T, dS^T: [keys, queries])."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < length
@@ -317,12 +346,13 @@ def _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, LSE_
     lse2 = tl.load(LSE_H + tok_m, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA_H + tok_m, mask=row_ok, other=0.0)
     p_t = tl.exp2(_scores(k_a, k_b, q_a, q_b, qk_scale, INTERPRETER, PRECISION) - lse2[None, :])
-    p_t = tl.where(row_ok[None, :], p_t, 0.0)
-    p_lo = p_t.to(do_a.dtype)
+    if MASK:
+        p_t = tl.where(row_ok[None, :], p_t, 0.0)
+    p_lo = _to(p_t, do_a.dtype, INTERPRETER)
     dv_a = _dot(p_lo, do_a, dv_a, INTERPRETER, PRECISION)
     dv_b = _dot(p_lo, do_b, dv_b, INTERPRETER, PRECISION)
     dp_t = _scores(v_a, v_b, do_a, do_b, 1.0, INTERPRETER, PRECISION)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+    ds_t = _to(p_t * (dp_t - delta[None, :]), q_a.dtype, INTERPRETER)
     dk_a = _dot(ds_t, q_a, dk_a, INTERPRETER, PRECISION)
     dk_b = _dot(ds_t, q_b, dk_b, INTERPRETER, PRECISION)
     return dk_a, dk_b, dv_a, dv_b
@@ -354,22 +384,28 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, DK, DV, SCRATCH, CU, COS, S
     dv_b = tl.zeros([BLOCK_N, DB], tl.float32)
     q_base, do_base = Q + head * stride_qh, DOUT + head * stride_dh
     lse_h, delta_h = LSE + head * n_tokens, DELTA + head * n_tokens
+    full_end = length - length % BLOCK_M
     if INTERPRETER:
         m0 = 0
-        while m0 < length:
+        while m0 < full_end:
             dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
                                                 delta_h, start, m0, length, stride_qn, stride_dn, cols_a, cols_b,
-                                                ok_a, ok_b, qk_scale, BLOCK_M, INTERPRETER, PRECISION)
+                                                ok_a, ok_b, qk_scale, BLOCK_M, False, INTERPRETER, PRECISION)
             m0 += BLOCK_M
     else:
-        for m0 in tl.range(0, length, BLOCK_M):
+        for m0 in tl.range(0, full_end, BLOCK_M):
             dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
                                                 delta_h, start, m0, length, stride_qn, stride_dn, cols_a, cols_b,
-                                                ok_a, ok_b, qk_scale, BLOCK_M, INTERPRETER, PRECISION)
-    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_a, ok_a, dv_a)
-    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_b, ok_b, dv_b)
+                                                ok_a, ok_b, qk_scale, BLOCK_M, False, INTERPRETER, PRECISION)
+    if full_end < length:
+        dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
+                                            delta_h, start, full_end, length, stride_qn, stride_dn, cols_a, cols_b,
+                                            ok_a, ok_b, qk_scale, BLOCK_M, True, INTERPRETER, PRECISION)
+    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_a, ok_a, dv_a, INTERPRETER)
+    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_b, ok_b, dv_b, INTERPRETER)
     _store_grad(dk_a * sm_scale, dk_b * sm_scale, DK + head * stride_dh, stride_dn, SCRATCH + head * stride_dh,
-                stride_dn, tok_n, key_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE)
+                stride_dn, tok_n, key_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE,
+                INTERPRETER)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,19 +424,28 @@ def _pieces(head_dim: int) -> tuple[int, int]:
     return da, max(16, triton.next_power_of_2(head_dim - da))
 
 
-def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[_Blocks, _Blocks, _Blocks]:
+def _blocks(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> tuple[_Blocks, _Blocks, _Blocks]:
     """(forward, dq, dk-dv) tilings for H100. bf16/fp16: 128-row tiles keep the tensor cores fed; the forward
     streams 128-key tiles (3 stages of K and V fit in 228 KB of shared memory up to D = 96; D = 128 takes
     64-key tiles); the backward kernels hold two [rows, D] fp32 accumulators (dq, or dk and dv) plus four
     [rows, loop] fp32 tiles in registers, so their loop blocks are 64 (dq) and 32 (dk-dv) rows with 2 stages.
-    fp32 (tests; IEEE products on the FMA units, no tensor cores) takes small tiles that fit registers."""
+    Sequences of at most 64 tokens (Qwen2.5-VL's windows) take 64-row tiles on one warpgroup (dk-dv: 32-query
+    loop blocks, to hold its two accumulators without spilling): a 128-row tile would leave half its rows and
+    three quarters of its products empty.
+    fp32 (tests; IEEE products on the FMA units, no tensor cores) takes 32 x 32 tiles, the largest that fit the
+    registers without spilling at D = 128. The interpreter runs numpy per program, so it takes the largest tiles
+    (fewest programs and iterations); the tile sizes change no code path, only the masks' extent."""
+    if triton_interpreting():
+        large = _Blocks(128, 128, 4, 1)
+        return large, large, large
     if dtype == torch.float32:
-        small = _Blocks(64, 32, 4, 2)
+        small = _Blocks(32, 32, 4, 1)
         return small, small, small
+    if max_seqlen <= 64:
+        window = _Blocks(64, 64, 4, 2)
+        return window, window, _Blocks(64, 32, 4, 2)
     fwd = _Blocks(128, 128 if head_dim <= 96 else 64, 8, 3)
-    dq = _Blocks(128, 64, 8, 2)
-    dkdv = _Blocks(128, 32, 8, 2)
-    return fwd, dq, dkdv
+    return fwd, _Blocks(128, 64, 8, 2), _Blocks(128, 32, 8, 2)
 
 
 class _Launch:
@@ -427,7 +472,7 @@ class _Launch:
 
 
 def _rope_operands(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    """(cos, sin, row stride) for the kernels; any fp32 tensor stands in for the unused pointers."""
+    """(cos, sin, row stride) for the kernels; without RoPE, q stands in for the pointers no code reads."""
     if cos is None:
         return q, q, 0
     cos, sin = cos.contiguous(), sin.contiguous()  # no-op for the usual tables; one row stride for both
@@ -444,7 +489,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if tokens and heads:
         _rope_kernel[(triton.cdiv(tokens, block_t), heads)](
             x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1), stride_cs, tokens,
-            HEAD_DIM=head_dim, HALF=head_dim // 2, DA=da, DB=db, BLOCK_T=block_t, num_warps=4)
+            HEAD_DIM=head_dim, HALF=head_dim // 2, DA=da, DB=db, BLOCK_T=block_t, INTERPRETER=triton_interpreting(),
+            num_warps=4)
     return out
 
 
@@ -453,7 +499,7 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, cos, sin, scale: float):
     launch = _Launch(q, cu_seqlens, cos)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((launch.heads, launch.tokens), dtype=torch.float32, device=q.device)
-    blocks = _blocks(launch.head_dim, q.dtype)[0]
+    blocks = _blocks(launch.head_dim, q.dtype, max_seqlen)[0]
     n_blocks, programs = launch.grid(max_seqlen, blocks.rows)
     if programs == 0:
         return out, lse
@@ -472,7 +518,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, cos, sin, sca
     """(dq, dk, dv), contiguous, in the input dtypes: gradients w.r.t. the un-rotated q and k."""
     launch = _Launch(q, cu_seqlens, cos)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _, dq_blocks, dkdv_blocks = _blocks(launch.head_dim, q.dtype)
+    _, dq_blocks, dkdv_blocks = _blocks(launch.head_dim, q.dtype, max_seqlen)
     dq_tiles, dq_programs = launch.grid(max_seqlen, dq_blocks.rows)
     dkdv_tiles, dkdv_programs = launch.grid(max_seqlen, dkdv_blocks.rows)
     if dq_programs == 0:
