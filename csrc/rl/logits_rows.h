@@ -6,19 +6,14 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "tensor_messages.h"
+
 #include <cmath>
 #include <string>
 
 namespace mgpt::rl {
 
-// Messages are built from strings only (std::to_string, Device::str, toString): in the CUDA build on the
-// GPU machine (torch 2.11+cu130) streaming a number into TORCH_CHECK's message from this extension
-// crashed, while strings streamed fine.
-inline std::string shape_of(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
-  return out + "]";
-}
+using mgpt::shape_of;  // messages from strings only: see tensor_messages.h
 
 inline constexpr const char* kStatsOp = "mgpt.logits_row_stats";
 inline constexpr const char* kGradOp = "mgpt.logits_row_grad";

@@ -6,19 +6,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "tensor_messages.h"
+
 #include <cmath>
 #include <optional>
 #include <string>
 
 namespace mgpt::vision {
 
-// Messages are built from strings only (std::to_string, toString): on the GPU machine's build streaming a
-// number into TORCH_CHECK's message from this extension crashed, while strings streamed fine.
-inline std::string shape_of(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
-  return out + "]";
-}
+using mgpt::shape_of;  // messages from strings only: see tensor_messages.h
 
 inline constexpr const char* kFwdOp = "mgpt.varlen_attention_fwd";
 inline constexpr const char* kBwdOp = "mgpt.varlen_attention_bwd";
