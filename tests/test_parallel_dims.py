@@ -1,0 +1,75 @@
+"""ParallelDims: validation against the world size and the model, and the mesh it builds (4 gloo ranks)."""
+
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mgpt_train.parallel_dims import ParallelDims
+
+
+def test_dp_shard_takes_the_remaining_ranks():
+    dims = ParallelDims(world_size=16, dp_replicate=2, tp=2, pp=2)
+    assert dims.dp_shard == 2 and dims.sizes == (2, 2, 2, 1, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(world_size=8, tp=3), "does not divide the world size"),
+    (dict(world_size=8, dp_shard=2, tp=2), "must equal the world size 8"),
+    (dict(world_size=8, dp_shard=4, cp=2, ep=3), "'ep' \\(3\\) must divide dp_shard\\*cp = 8"),
+    (dict(world_size=4, tp=0), "'tp' must be an int >= 1"),
+    (dict(world_size=4, dp_shard=0), "'dp_shard' must be an int >= 1 or -1"),
+])
+def test_bad_degrees(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelDims(**kwargs)
+
+
+def test_model_and_sequence_checks():
+    dims = ParallelDims(world_size=8, dp_shard=2, cp=2, tp=2, ep=4)
+    dims.check_model(num_heads=32, num_kv_heads=4, num_experts=128)
+    with pytest.raises(ValueError, match="num_heads=3 is not divisible by tp=2"):
+        dims.check_model(num_heads=3)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible by ep=4"):
+        dims.check_model(num_heads=2, num_experts=6)
+    dims.check_sequence(8)
+    with pytest.raises(ValueError, match="not divisible by 2\\*cp = 4"):
+        dims.check_sequence(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = ParallelDims(world_size=world, dp_replicate=1, dp_shard=2, tp=2).build_mesh("cpu")
+    sizes = {name: mesh[name].size() for name in ("dp_shard", "tp", "dp", "dp_shard_cp", "dp_cp")}
+    # tp is the fastest-varying dim: ranks {0,1} form one tp group, {0,2} one dp_shard group.
+    tp_peers = sorted(dist.get_process_group_ranks(mesh["tp"].get_group()))
+    dp_peers = sorted(dist.get_process_group_ranks(mesh["dp_shard"].get_group()))
+    queue.put((rank, sizes, tp_peers, dp_peers))
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_mesh_on_four_gloo_ranks():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 4, port, queue)) for r in range(4)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank, sizes, tp_peers, dp_peers in results:
+        assert sizes == {"dp_shard": 2, "tp": 2, "dp": 2, "dp_shard_cp": 2, "dp_cp": 2}
+        assert tp_peers == [rank - rank % 2, rank - rank % 2 + 1]
+        assert dp_peers == [rank % 2, rank % 2 + 2]
