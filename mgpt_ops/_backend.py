@@ -58,30 +58,34 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def has_extension() -> bool:
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def kernels_registered(face: str, kernels: tuple[str, ...] = ()) -> bool:
+    """True when mgpt_ops._C is loaded and registered the ``kernels`` (``mgpt::`` op names) for the dispatch
+    key of ``face`` ("cpu"/"cuda"). Schemas exist before their kernels do, so this asks the dispatcher; an op
+    that names no kernels needs only the extension (and, for "cuda", a CUDA build)."""
     from mgpt_ops import _ext
 
-    return _ext.loaded()
+    if not _ext.loaded():
+        return False
+    if not kernels:
+        return face == "cpu" or _ext.built_with_cuda()
+    key = _DISPATCH_KEYS[face]
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for name in kernels)
 
 
-def has_cuda_kernels() -> bool:
-    from mgpt_ops import _ext
-
-    return _ext.loaded() and _ext.built_with_cuda()
-
-
-def available_backends(device: torch.device, faces: tuple[str, ...]) -> list[str]:
-    """Faces among ``faces`` (those an op implements) that can run on ``device`` in this process."""
+def available_backends(device: torch.device, faces: tuple[str, ...], kernels: tuple[str, ...] = ()) -> list[str]:
+    """Faces among ``faces`` (those an op implements) that can run on ``device`` in this process;
+    ``kernels``: the ``mgpt::`` C++/CUDA ops the op's cpu/cuda faces call."""
     out = []
     for face in faces:
         if face == "reference":
             ok = True
         elif face == "triton":
             ok = device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
-        elif face == "cpu":
-            ok = device.type == "cpu" and has_extension()
-        elif face == "cuda":
-            ok = device.type == "cuda" and has_cuda_kernels()
+        elif face in _DISPATCH_KEYS:
+            ok = device.type == face and kernels_registered(face, kernels)
         else:  # pragma: no cover - guarded by BACKENDS
             ok = False
         if ok:
@@ -89,15 +93,20 @@ def available_backends(device: torch.device, faces: tuple[str, ...]) -> list[str
     return out
 
 
-def choose_backend(op: str, device: torch.device, faces: tuple[str, ...], preference: dict[str, tuple[str, ...]]) -> str:
+def choose_backend(op: str, device: torch.device, faces: tuple[str, ...], preference: dict[str, tuple[str, ...]],
+                   kernels: tuple[str, ...] = ()) -> str:
     """Resolve the face ``op`` runs on ``device``.
 
     ``faces``: faces the op implements. ``preference``: device type -> faces in order of preference for
     automatic choice (the first available wins; ``reference`` is always available as the last resort).
+    ``kernels``: the ``mgpt::`` C++/CUDA ops its cpu/cuda faces call (see ``kernels_registered``).
     """
     pinned = pinned_backend()
-    usable = available_backends(device, faces)
+    usable = available_backends(device, faces, kernels)
     if pinned is not None and pinned in faces:
+        if pinned in _DISPATCH_KEYS and kernels and not kernels_registered(pinned, kernels):
+            raise RuntimeError(f"mgpt.{op}: backend {pinned!r} is pinned but mgpt_ops._C has no "
+                               f"{_DISPATCH_KEYS[pinned]} kernel for {', '.join(kernels)} in this build")
         if pinned not in usable:
             hint = {
                 "triton": "Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import",

@@ -57,6 +57,21 @@ def row_grad_torch(logits, labels, lse, mean_z, grad_logprob, grad_entropy, inv_
     return (dz * inv_temperature).to(out_dtype)
 
 
+def _recentred(m, s, u, new_max):
+    """(s, u) of a block moved from its own max ``m`` to ``new_max`` >= m: the one merge rule of row stats."""
+    scale = torch.exp(m - new_max)
+    return s * scale, scale * (u + (m - new_max) * s)
+
+
+def merge_row_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stats [C, 4] of two disjoint vocabulary blocks -> stats of their union (label logits add: at most
+    one block holds the label)."""
+    (m1, s1, u1, z1), (m2, s2, u2, z2) = a.unbind(1), b.unbind(1)
+    m = torch.maximum(m1, m2)
+    (s1, u1), (s2, u2) = _recentred(m1, s1, u1, m), _recentred(m2, s2, u2, m)
+    return torch.stack([m, s1 + s2, u1 + u2, z1 + z2], 1)
+
+
 def combine_row_stats(stats: torch.Tensor, process_group=None):
     """Turn per-shard stats [C, 4] into (lse, mean_z, label_z), all-reducing over ``process_group``
     (vocabulary-parallel shards) when given. Exact: no approximation beyond fp32 rounding."""
@@ -66,9 +81,8 @@ def combine_row_stats(stats: torch.Tensor, process_group=None):
 
         gm = m.clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=process_group)
-        scale = torch.exp(m - gm)
         # Re-centre each shard's sums on the global max, then add them up in one collective.
-        part = torch.stack([s * scale, scale * (u + (m - gm) * s), zy], dim=1)
+        part = torch.stack([*_recentred(m, s, u, gm), zy], dim=1)
         dist.all_reduce(part, group=process_group)
         m, (s, u, zy) = gm, part.unbind(1)
     lse = m + torch.log(s)

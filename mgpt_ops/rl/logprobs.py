@@ -47,11 +47,12 @@ import torch
 from mgpt_ops import _ext
 from mgpt_ops._backend import choose_backend
 from mgpt_ops._checks import FLOAT_DTYPES, check_positive, check_same_dtype, check_tensor
-from mgpt_ops.rl._row_ops import combine_row_stats, row_grad_torch, row_stats_torch
+from mgpt_ops.rl._row_ops import combine_row_stats, merge_row_stats, row_grad_torch, row_stats_torch
 
 OP = "fused_linear_logprobs"
 FACES = ("reference", "triton", "cpu", "cuda")
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+KERNELS = ("mgpt::logits_row_stats", "mgpt::logits_row_grad")  # what the cpu/cuda faces call
 # Size of one fp32 logits block [N, cols] that the default chunk_size aims at.
 CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 64 << 20}
 # Fewest vocabulary columns per block even for huge N (thinner blocks make matmuls inefficient).
@@ -91,12 +92,12 @@ def row_kernels(face: str) -> RowKernels:
 def choose_face(hidden: torch.Tensor) -> str:
     if hidden.dtype == torch.float64:
         # Automatic choice gives reference; a pinned kernel face is refused with a clear error.
-        face = choose_backend(OP, hidden.device, FACES, {})
+        face = choose_backend(OP, hidden.device, FACES, {}, KERNELS)
         if face != "reference":
             raise TypeError(f"mgpt.{OP}: argument 'hidden' has dtype float64, which only the 'reference' "
                             f"backend supports (pinned backend: {face!r}); use float32, bfloat16 or float16")
         return face
-    return choose_backend(OP, hidden.device, FACES, PREFERENCE)
+    return choose_backend(OP, hidden.device, FACES, PREFERENCE, KERNELS)
 
 
 def check_label_range(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
@@ -158,16 +159,6 @@ class LinearChunks:
 def _blocks(total: int, step: int):
     step = max(1, step)
     return (slice(i, min(total, i + step)) for i in range(0, total, step))
-
-
-def merge_row_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Stats [N, 4] of two disjoint vocabulary blocks -> stats of their union (same rule as the all-reduce in
-    ``combine_row_stats``: re-centre both on the larger max, add; label logits add since only one is non-0)."""
-    m1, s1, u1, z1 = a.unbind(1)
-    m2, s2, u2, z2 = b.unbind(1)
-    m = torch.maximum(m1, m2)
-    e1, e2 = torch.exp(m1 - m), torch.exp(m2 - m)
-    return torch.stack([m, e1 * s1 + e2 * s2, e1 * (u1 + (m1 - m) * s1) + e2 * (u2 + (m2 - m) * s2), z1 + z2], 1)
 
 
 def chunked_forward(hidden, weight, labels, bias, kernels: RowKernels, inv_temperature: float, ignore_index: int,

@@ -40,8 +40,7 @@ from typing import Optional
 
 import torch
 
-from mgpt_ops import _ext
-from mgpt_ops._backend import available_backends, choose_backend, pinned_backend
+from mgpt_ops._backend import available_backends, choose_backend, kernels_registered
 from mgpt_ops._checks import check_same_dtype, check_tensor
 from mgpt_ops.vision._contract import attention_reference, rotate_half
 
@@ -50,7 +49,7 @@ FACES = ("reference", "triton", "cpu", "cuda")
 PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KERNEL_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+KERNELS = ("mgpt::varlen_attention_fwd", "mgpt::varlen_attention_bwd")  # what the cpu/cuda faces call
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -58,25 +57,16 @@ _KERNEL_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # --------------------------------------------------------------------------------------------------------
 def kernel_registered(face: str) -> bool:
     """True when mgpt_ops._C registered both varlen attention kernels for the face's dispatch key."""
-    if not _ext.loaded():
-        return False
-    key = _KERNEL_KEYS[face]
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mgpt::varlen_attention_{part}", key)
-               for part in ("fwd", "bwd"))
+    return kernels_registered(face, KERNELS)
 
 
 def usable_faces(device: torch.device) -> list[str]:
     """The faces of this op that can run on ``device`` in this process."""
-    return [f for f in available_backends(device, FACES) if f not in _KERNEL_KEYS or kernel_registered(f)]
+    return available_backends(device, FACES, KERNELS)
 
 
 def choose_face(device: torch.device) -> str:
-    pinned = pinned_backend()
-    if pinned in _KERNEL_KEYS and not kernel_registered(pinned):
-        raise RuntimeError(f"mgpt.{OP}: backend {pinned!r} is pinned but mgpt_ops._C has no "
-                           f"{_KERNEL_KEYS[pinned]} kernel for mgpt::varlen_attention_fwd/bwd in this build")
-    faces = tuple(f for f in FACES if f not in _KERNEL_KEYS or kernel_registered(f))
-    return choose_backend(OP, device, faces, PREFERENCE)
+    return choose_backend(OP, device, FACES, PREFERENCE, KERNELS)
 
 
 def unrotate(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
