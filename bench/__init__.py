@@ -10,6 +10,7 @@ To add a family: write ``bench/<module>.py`` with ``cases(device, quick) -> list
 """
 
 FAMILIES = {
+    "quant": "bench.quant_gemm",
     "rl": "bench.rl_losses",
     "vision": "bench.vision_attention",
 }

@@ -10,19 +10,19 @@
 # cmake, ninja, nvcc; NO network): nothing here reaches an index. Run from anywhere; it works in the
 # repository that contains it. Each stage has its own time limit (seconds, override through the
 # environment) so one hang cannot eat the budget; a failed build does not stop the rest (Triton paths
-# still run). Default limits add up to ~8.5 minutes.
+# still run). Default limits add up to ~8.5 minutes (build 150 + 3 families x 90 + tests 100 s).
 #
 # Order: build, benchmarks (one run per family, each with its own limit; they check correctness against the
 # baselines first), tests.
-# Writes flat into RESULTS_DIR (8 files at most): env.json log.txt (build, bench and test logs, one section
-# each) tests.xml rl_cuda.json rl_cuda.png vision_cuda.json vision_cuda.png summary.txt
+# Writes flat into RESULTS_DIR (10 files at most): env.json log.txt (build, bench and test logs, one section
+# each) tests.xml {rl,vision,quant}_cuda.{json,png} summary.txt
 set -uo pipefail
 
 R=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-180}
-TEST_TIMEOUT=${TEST_TIMEOUT:-110}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-110}  # per family
-BENCH_FAMILIES=${BENCH_FAMILIES:-rl vision}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
+TEST_TIMEOUT=${TEST_TIMEOUT:-100}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-90}  # per family
+BENCH_FAMILIES=${BENCH_FAMILIES:-rl vision quant}
 # pytest selection; distributed tests are CPU/gloo tests: nothing about them changes on a GPU.
 TEST_ARGS=${TEST_ARGS-'-m "not distributed" tests/'}
 # extra bench arguments, e.g. BENCH_ARGS='--only "N=8192"' to fit a short lease

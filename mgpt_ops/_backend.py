@@ -72,7 +72,9 @@ def kernels_registered(face: str, kernels: tuple[str, ...] = ()) -> bool:
     if not kernels:
         return face == "cpu" or _ext.built_with_cuda()
     key = _DISPATCH_KEYS[face]
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for name in kernels)
+    # An extension built before these kernels existed does not even declare their schemas (asking would raise).
+    declared = all(hasattr(torch.ops.mgpt, name.removeprefix("mgpt::")) for name in kernels)
+    return declared and all(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for name in kernels)
 
 
 def available_backends(device: torch.device, faces: tuple[str, ...], kernels: tuple[str, ...] = ()) -> list[str]:

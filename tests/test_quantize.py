@@ -7,9 +7,14 @@
 * round-trip |x - q * scale| <= scale / 2 (int8); <= max(|x| * 2^-4, scale * 2^-10) for fp8 (e4m3 keeps 3
   mantissa bits: half an ulp is 2^-4 of the value for normals, and the subnormal step is 2^-9 * scale);
 * all-zero rows give q = 0 and a finite scale; nothing is ever NaN.
+Every face is checked against these formulas bit-exactly (the Triton kernels round on the e4m3 grid themselves,
+so this holds under the interpreter too), and the Triton kernels are compiled for sm_90.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,8 +27,7 @@ from mgpt_ops.quant import (quantize_fp8_group, quantize_fp8_per_tensor, quantiz
                             quantize_int8_per_tensor, quantize_int8_per_token, quantize_weight_block128,
                             quantize_weight_per_channel)
 
-FACES = faces_here(("reference",))  # per-tensor, group and block quantizers
-ROW_FACES = faces_here(("reference", "triton"))  # per-row: per-token activations, per-channel weights
+FACES = faces_here(("reference", "triton"))  # every quantizer has both faces
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
 QMAX = {FP8: 448.0, INT8: 127.0}
 
@@ -59,7 +63,7 @@ def random_activations(shape, seed, dtype=torch.float32):
     return (torch.randn(shape, generator=g) * mag).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("qdtype", [FP8, INT8])
 @pytest.mark.parametrize("M", [1, 7, 33, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -105,7 +109,7 @@ def test_fp8_group(face, M, K, group):
     check_round_trip(x, q, full, FP8)
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("qdtype", [FP8, INT8])
 def test_weight_per_channel(face, qdtype):
     w = random_activations((72, 200), seed=11)
@@ -133,7 +137,41 @@ def test_weight_block128(face, N, K):
     check_round_trip(w, q, full, FP8)
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("qdtype", [FP8, INT8])
+@pytest.mark.parametrize("where", [0, 299])
+def test_per_tensor_amax_anywhere(face, qdtype, where):
+    """300 rows (several programs of the two-pass Triton face): the tensor amax sits in the first or the last
+    row and sets the scale of every element; strided input gives the same result."""
+    x = random_activations((300, 72), seed=where, dtype=torch.bfloat16)
+    x[where, 5] = 1e7  # far above every other element
+    fn = quantize_fp8_per_tensor if qdtype == FP8 else quantize_int8_per_tensor
+    with mgpt_ops.use_backend(face):
+        q, scale = fn(x)
+        qt, scale_t = fn(x.T.contiguous().T)
+    assert torch.equal(scale.cpu(), expected_scale(x.reshape(1, -1), qdtype, -1).cpu())
+    assert q[where, 5].item() == QMAX[qdtype]
+    check_round_trip(x, q, scale.expand(x.shape), qdtype)
+    assert torch.equal(scale_t, scale) and torch.equal(qt.view(torch.int8), q.view(torch.int8))
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_blocks_of_strided_and_zero_input(face):
+    """Transposed weights quantise as their contiguous copy; all-zero blocks / groups give q = 0 and the
+    floored scale, next to non-zero ones."""
+    w = random_activations((300, 200), seed=21)
+    w[128:256, :128] = 0
+    with mgpt_ops.use_backend(face):
+        q, scale = quantize_weight_block128(w.T)
+        q_c, scale_c = quantize_weight_block128(w.T.contiguous())
+        qg, scale_g = quantize_fp8_group(w.T, 128)
+    assert torch.equal(scale, scale_c) and torch.equal(q.view(torch.int8), q_c.view(torch.int8))
+    assert scale[0, 1].item() == pytest.approx(1e-12 / 448) and (q[:128, 128:256].float() == 0).all()
+    assert (scale_g[:128, 1] == scale[0, 1]).all()
+    check_round_trip(w.T, qg, scale_g.repeat_interleave(128, dim=1)[:, :300], FP8)
+
+
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("qdtype", [FP8, INT8])
 def test_zero_tiny_huge_rows(face, qdtype):
     """All-zero rows give q = 0 with a finite positive scale; tiny and huge rows stay finite and saturate at
@@ -165,14 +203,14 @@ def test_hypothesis_shapes(M, K, group, seed):
     x = random_activations((M, K), seed=seed)
     q, s = quantize_fp8_group(x, group)
     check_round_trip(x, q, s.repeat_interleave(group, dim=1)[:, :K], FP8)
-    for face in ROW_FACES:
+    for face in FACES:
         with mgpt_ops.use_backend(face):
             for qdtype, fn in ((INT8, quantize_int8_per_token), (FP8, quantize_fp8_per_token)):
                 q, s = fn(x)
                 check_round_trip(x, q, s.expand_as(x), qdtype)
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
 def test_e4m3_grid_and_ties(face):
     """Every e4m3 value and every midpoint between neighbours (ties round to the even mantissa), with the row
     amax at 448 so the scale is exactly 1: q must be the round-to-nearest-even cast, sign of zero included."""
@@ -186,7 +224,7 @@ def test_e4m3_grid_and_ties(face):
     assert torch.equal(q.cpu().view(torch.int8), x.cpu().to(FP8).view(torch.int8))
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
 def test_opcheck(face):
     x = random_activations((7, 200), seed=9)
     with mgpt_ops.use_backend(face):
@@ -200,7 +238,7 @@ def test_opcheck(face):
         torch.library.opcheck(torch.ops.mgpt.quantize_fp8_blocks.default, (x.T, 128, 128))
 
 
-@pytest.mark.parametrize("face", ROW_FACES)
+@pytest.mark.parametrize("face", FACES)
 def test_torch_compile_fullgraph(face):
     x = random_activations((33, 200), seed=10)
 
@@ -237,3 +275,42 @@ BAD = [
 def test_bad_input(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the compiled (non-interpreted) kernels: ahead-of-time compile for Hopper
+# ------------------------------------------------------------------------------------------------------------
+_HOPPER_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mgpt_ops.quant import quantize_triton as kt
+
+def compile_kernel(kernel, pointers, constexprs, warps):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+for dtype in ("bf16", "fp32"):
+    for qtype, qmax, is_int in (("fp8e4nv", 448.0, False), ("i8", 127.0, True)):
+        compile_kernel(kt._tensor_amax_kernel, {"x_ptr": "*" + dtype, "partial_ptr": "*fp32"},
+                       dict(TILE_R=4, TILE_C=512), 4)
+        compile_kernel(kt._tensor_quantize_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*" + qtype,
+                       "partial_ptr": "*fp32", "scale_ptr": "*fp32"},
+                       dict(QMAX_=qmax, INV_QMAX_=1 / qmax, IS_INT=is_int, TILE_R=4, TILE_C=512, TILE_P=1024), 4)
+        compile_kernel(kt._quantize_rows_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*" + qtype, "scale_ptr": "*fp32"},
+                       dict(QMAX_=qmax, INV_QMAX_=1 / qmax, IS_INT=is_int, BLOCK_R=1, BLOCK_K=4096), 8)
+    for row_groups, tile_r in ((True, 16), (False, 32)):
+        compile_kernel(kt._quantize_blocks_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                       dict(QMAX_=448.0, INV_QMAX_=1 / 448, ROW_GROUPS=row_groups, TILE_R=tile_r, TILE_C=128), 4)
+    print("compiled", dtype)
+"""
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects: compile every quantizer kernel for sm_90 (no GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["compiled", "bf16", "compiled", "fp32"]

@@ -319,6 +319,19 @@ def test_bad_input_names_the_argument(case, device):
                          **args)
 
 
+def test_cu_seqlens_values_checked_in_eager_but_not_during_graph_capture(device, monkeypatch):
+    """A device->host read is illegal inside CUDA-graph capture: the value check runs in the eager warm-up
+    (which always precedes capture) and is skipped while capturing. Simulated on any device."""
+    from mgpt_ops.vision import attention as attention_module
+
+    q, k, v, _, cos, sin, _ = make_inputs([4, 6], 2, 64, torch.float32, device, seed=12)
+    bad = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)  # ends at 9, q has 10 tokens
+    with pytest.raises(ValueError, match="end at N=10"):
+        vision_attention(q, k, v, bad, 6, cos=cos, sin=sin)
+    monkeypatch.setattr(attention_module, "_capturing_cuda_graph", lambda: True)
+    attention_module.check_cu_seqlens_values(bad, 10, 6)  # would raise if it read the values
+
+
 def test_bad_packed_qkv(device):
     qkv = torch.randn(10, 2, 2, 64, device=device)
     with pytest.raises(ValueError, match="'qkv'.*\\[N, 3, H, D\\]"):

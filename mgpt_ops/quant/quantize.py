@@ -29,9 +29,9 @@ Inputs: fp32, bf16, fp16 or float64, any shape with the quantised axis last (``[
 flattened as tokens) for activations, 2-D for weights; the math runs in fp32.
 
 Not differentiable: quantisation is for inference (the wrappers detach their input; outputs never require
-grad). Faces: ``reference`` for all; ``triton`` (``quantize_triton.py``) for the per-row quantizers
-(``quantize_{fp8,int8}_per_token``, ``quantize_weight_per_channel``), chosen automatically on CUDA. The
-per-tensor, 1x128-group and 128x128-block quantizers have only the reference face for now.
+grad). Faces: ``reference`` and ``triton`` (``quantize_triton.py``) for every quantizer, Triton chosen
+automatically on CUDA. The Triton faces are bit-identical to the reference (same fp32 scale product, IEEE
+division, round-to-nearest-even on the e4m3 / int8 grid), on a GPU and under the interpreter.
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ QMAX = {FP8: 448.0, INT8: 127.0}
 INV_QMAX = {dtype: float(torch.tensor(1.0 / qmax, dtype=torch.float32)) for dtype, qmax in QMAX.items()}
 AMAX_FLOOR = 1e-12
 WEIGHT_BLOCK = 128
-_FACES = ("reference",)
-_ROW_FACES = ("reference", "triton")  # per-row quantisation (per-token activations, per-channel weights)
-_ROW_PREFERENCE = {"cuda": ("triton",)}
+_FACES = ("reference", "triton")
+_PREFERENCE = {"cuda": ("triton",)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def quantize_blocks_reference(x: torch.Tensor, block_rows: int, block_cols: int
 # --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mgpt::quantize_per_row", mutates_args=())
 def _quantize_per_row_op(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if choose_backend("quantize_per_row", x.device, _ROW_FACES, _ROW_PREFERENCE) == "triton":
+    if choose_backend("quantize_per_row", x.device, _FACES, _PREFERENCE) == "triton":
         from mgpt_ops.quant import quantize_triton  # lazy: triton is optional
 
         return quantize_triton.quantize_rows(x, qdtype)
@@ -118,7 +117,10 @@ def _(x, qdtype):
 
 @torch.library.custom_op("mgpt::quantize_per_tensor", mutates_args=())
 def _quantize_per_tensor_op(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    choose_backend("quantize_per_tensor", x.device, _FACES, {})
+    if choose_backend("quantize_per_tensor", x.device, _FACES, _PREFERENCE) == "triton":
+        from mgpt_ops.quant import quantize_triton
+
+        return quantize_triton.quantize_tensor(x, qdtype)
     return quantize_tensor_reference(x, qdtype)
 
 
@@ -130,7 +132,10 @@ def _(x, qdtype):
 @torch.library.custom_op("mgpt::quantize_fp8_blocks", mutates_args=())
 def _quantize_fp8_blocks_op(x: torch.Tensor, block_rows: int, block_cols: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    choose_backend("quantize_fp8_blocks", x.device, _FACES, {})
+    if choose_backend("quantize_fp8_blocks", x.device, _FACES, _PREFERENCE) == "triton":
+        from mgpt_ops.quant import quantize_triton
+
+        return quantize_triton.quantize_blocks(x, block_rows, block_cols)
     return quantize_blocks_reference(x, block_rows, block_cols)
 
 

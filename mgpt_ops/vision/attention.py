@@ -127,7 +127,16 @@ def _backward_face(face: str):
 _checked: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref, version, last offset, longest sequence)
 
 
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int) -> None:
+    # Reading the values is a device->host copy, which is illegal while a CUDA graph is being captured.
+    # Graph capture always follows eager warm-up calls (torch.cuda.graphs / torch.compile "reduce-overhead"
+    # both warm up first), where the same offsets were checked; during capture the check is skipped.
+    if _capturing_cuda_graph():
+        return
     key = id(cu_seqlens)
     seen = _checked.get(key)
     # Inference tensors keep no version counter (and can change in place inside inference mode): never cached.
