@@ -1,0 +1,32 @@
+"""Parallelism primitives written on plain torch.distributed collectives (they run on gloo/CPU as on NCCL/GPU):
+context parallelism for packed causal attention and expert parallelism for MoE layers."""
+
+from mgpt_train.parallel.context_parallel import (
+    cp_attention,
+    local_positions,
+    make_cp_attention_fn,
+    packed_causal_mask,
+    shard_sequence,
+    unshard_sequence,
+)
+from mgpt_train.parallel.expert_parallel import (
+    ExpertParallelMoE,
+    all_to_all_tokens,
+    expert_parallel_group,
+    expert_parallel_moe,
+    shard_experts,
+)
+
+__all__ = [
+    "ExpertParallelMoE",
+    "all_to_all_tokens",
+    "cp_attention",
+    "expert_parallel_group",
+    "expert_parallel_moe",
+    "local_positions",
+    "make_cp_attention_fn",
+    "packed_causal_mask",
+    "shard_experts",
+    "shard_sequence",
+    "unshard_sequence",
+]
