@@ -9,6 +9,10 @@ per-group scales (and zero points) ``[N, K // group_size]`` in the activation dt
 (``block_gemm.py``): 1x128 activation groups ``[M, ceil(K/128)]`` x 128x128 weight blocks
 ``[ceil(N/128), ceil(K/128)]`` (Qwen's ``weight_scale_inv``). Inference only:
 none of these ops is differentiable.
+
+Model layer: ``quantize_(model, config)`` swaps ``nn.Linear`` / MoE experts for quantized modules
+(``modules.py``); ``save_quantized`` / ``load_quantized`` (``checkpoint.py``) write and read the Hugging Face
+folder the vLLM plugin serves; ``accuracy_report`` (``accuracy.py``) compares a quantized model with its original.
 """
 
 from mgpt_ops.quant.block_gemm import block_scaled_mm, grouped_block_scaled_mm
@@ -17,7 +21,11 @@ from mgpt_ops.quant.quantize import (quantize_fp8_group, quantize_fp8_per_tensor
                                      quantize_weight_block128, quantize_weight_per_channel)
 from mgpt_ops.quant.scaled_gemm import scaled_mm
 from mgpt_ops.quant.w4a16 import quantize_int4_weight, w4a16_mm
+from mgpt_ops.quant.modules import QuantConfig, QuantizedExperts, QuantizedLinear, quantize_  # noqa: E402 (uses the ops)
+from mgpt_ops.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
+from mgpt_ops.quant.accuracy import accuracy_report  # noqa: E402
 
-__all__ = ["block_scaled_mm", "grouped_block_scaled_mm", "quantize_fp8_group", "quantize_fp8_per_tensor",
+__all__ = ["QuantConfig", "QuantizedExperts", "QuantizedLinear", "accuracy_report", "load_quantized", "quantize_",
+           "save_quantized", "block_scaled_mm", "grouped_block_scaled_mm", "quantize_fp8_group", "quantize_fp8_per_tensor",
            "quantize_fp8_per_token", "quantize_int8_per_tensor", "quantize_int4_weight", "quantize_int8_per_token",
            "quantize_weight_block128", "quantize_weight_per_channel", "scaled_mm", "w4a16_mm"]
