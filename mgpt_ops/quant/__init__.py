@@ -21,9 +21,9 @@ from mgpt_ops.quant.quantize import (quantize_fp8_group, quantize_fp8_per_tensor
                                      quantize_weight_block128, quantize_weight_per_channel)
 from mgpt_ops.quant.scaled_gemm import scaled_mm
 from mgpt_ops.quant.w4a16 import quantize_int4_weight, w4a16_mm
-from mgpt_ops.quant.modules import QuantConfig, QuantizedExperts, QuantizedLinear, quantize_  # noqa: E402 (uses the ops)
-from mgpt_ops.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
-from mgpt_ops.quant.accuracy import accuracy_report  # noqa: E402
+from mgpt_ops.quant.modules import QuantConfig, QuantizedExperts, QuantizedLinear, quantize_
+from mgpt_ops.quant.checkpoint import load_quantized, save_quantized
+from mgpt_ops.quant.accuracy import accuracy_report
 
 __all__ = ["QuantConfig", "QuantizedExperts", "QuantizedLinear", "accuracy_report", "load_quantized", "quantize_",
            "save_quantized", "block_scaled_mm", "grouped_block_scaled_mm", "quantize_fp8_group", "quantize_fp8_per_tensor",
