@@ -32,7 +32,8 @@ from mgpt_train.model.vision import VisionModel
 IGNORE_INDEX = -100
 
 
-def _check_batch(batch: dict, config: Qwen3VLConfig) -> None:
+def check_batch(batch: dict, config: Qwen3VLConfig) -> None:
+    """Clear errors for a malformed packed batch (shapes and dtypes of the train interfaces)."""
     input_ids, cu_seqlens = batch["input_ids"], batch["cu_seqlens"]
     if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
         raise ValueError(f"Qwen3VLModel: batch['input_ids'] must be int64 [T], got {input_ids.dtype} "
@@ -52,6 +53,24 @@ def _check_batch(batch: dict, config: Qwen3VLConfig) -> None:
         if grid is None or grid.dim() != 2 or grid.shape[1] != 3 or int(grid.prod(-1).sum()) != pixels.shape[0]:
             raise ValueError(f"Qwen3VLModel: batch['image_grid_thw'] must be [N, 3] with sum(t*h*w) = P = "
                              f"{pixels.shape[0]}, got {None if grid is None else grid.tolist()}")
+
+
+@torch.no_grad()
+def init_module_weights(root: nn.Module, std: float = 0.02) -> None:
+    """HF's initialisation rules on every submodule of ``root`` (a model or a pipeline stage): normal(0, std)
+    matrices, embeddings, routers and experts; zero biases; unit norms."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, TopKRouter)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, GroupedExperts):
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
 
 class Qwen3VLModel(nn.Module):
@@ -77,23 +96,11 @@ class Qwen3VLModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
-    @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """HF's initialisation (normal(0, std) matrices, embeddings and experts, zero biases, unit norms) after
-        re-tying the head; for a model built on the meta device and materialised with ``to_empty``."""
+        """HF's initialisation after re-tying the head; for a model built on the meta device and materialised
+        with ``to_empty``."""
         self.tie_weights()
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, TopKRouter)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.gate_up_proj, std=std)
-                nn.init.normal_(module.down_proj, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        init_module_weights(self, std)
 
     # ----------------------------------------------------------------------------------------------------
     # Forward
@@ -101,7 +108,7 @@ class Qwen3VLModel(nn.Module):
     def hidden_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(final normed hidden states [T, H], load-balancing aux loss (a 0 tensor for dense models))."""
         c = self.config
-        _check_batch(batch, c)
+        check_batch(batch, c)
         input_ids, cu_seqlens = batch["input_ids"], batch["cu_seqlens"]
         empty_grid = torch.zeros(0, 3, dtype=torch.int64)
         grid = batch.get("image_grid_thw", empty_grid)

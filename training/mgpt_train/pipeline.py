@@ -1,0 +1,512 @@
+"""Pipeline parallelism for ``Qwen3VLModel`` on ``torch.distributed.pipelining`` (GPipe, 1F1B, interleaved 1F1B).
+
+    pipe = build_pipeline(config, mesh["pp"], schedule="1F1B", n_microbatches=8, seq_len=4096, device=device)
+    loss = pipe.step(microbatches)        # list of packed batches; the step's mean loss on the last stage's rank
+    optimizers = [AdamW(m.parameters()) for m in pipe.stage_modules]   # or one over pipe.parameters()
+
+Split. ``pp_size x virtual_stages`` stages; stage s runs on pp rank ``s % pp_size`` (the looped placement the
+interleaved schedule expects). Stage 0 holds the vision tower and the token embedding, the last stage the final
+norm and the head. Decoder layers are contiguous blocks: with L layers over S stages every stage gets L // S and
+the L % S remaining layers go one each to stages 1, 2, ... (never stage 0: it already carries the vision tower),
+unless ``layers_per_stage`` gives the counts explicitly. Every stage needs at least one layer (a clear error).
+Stage modules keep the full model's attribute paths (``visual``, ``language_model.embed_tokens``,
+``language_model.layers.<i>`` in a ModuleDict keyed by the global index, ``language_model.norm``, ``lm_head``), so
+their parameter names and state dicts ARE the full model's: checkpoints (a list of parts, see checkpoint.py), the
+HF adapter and per-module TP/FSDP plans work unchanged.
+
+Fixed shapes between stages. The schedules send preallocated buffers, so every micro-batch is padded to
+``seq_len`` tokens: the pad tokens (``pad_token_id``, labels -100) form one extra packed sample, so causal
+attention inside the real samples (block-diagonal over cu_seqlens) never sees them and the real tokens compute
+exactly what they would unpadded. Stages exchange only activations: hidden [1, seq_len, H] and, while DeepStack
+taps are still to be added by a later stage, the pending taps as a dense [1, k, seq_len, H] map (the vision
+features scattered to the image-token rows, zeros elsewhere; the gradient flows back to the vision tower).
+Everything else a stage needs -- MRoPE positions, cu_seqlens, the attention info, image rows, labels -- is
+small and is computed on every rank from the micro-batch itself (``step`` takes the micro-batches on every pp
+rank; only the first stage reads ``pixel_values``). The schedule hands each stage its micro-batch index as the
+keyword tensor ``microbatch``.
+
+Loss. The last stage returns the per-token log-probabilities [1, seq_len] (``mgpt_ops.fused_linear_logprobs``
+on the labelled rows only, zeros elsewhere); the schedule's loss is -sum(logprobs) / N with N the label tokens
+of the whole step (or the caller's ``global_tokens``), and gradients are not rescaled by the schedule, so the
+summed loss and the gradients equal one forward of the full model over the same micro-batches (token-weighted
+mean). MoE: each stage adds ``router_aux_loss_coef * aux`` of its own MoE layers, weighted by its share of the
+MoE layers and averaged over micro-batches, through an identity op whose backward injects the aux gradient.
+This differs from the model's aux loss (one product of sums over all layers, pad rows excluded) whenever MoE
+layers sit on several stages; the cross-entropy part is exact. The returned loss is the cross-entropy only.
+
+Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps its own copy of the embedding as
+``lm_head.weight``; ``init_weights`` copies stage 0's value to it and ``step`` sums the two gradients between
+the two ranks (a point-to-point exchange), so both copies stay equal under any optimizer. On one rank the two
+stages share the Parameter.
+
+Composition (what a ``parallelize`` function does): ``build_pipeline(..., materialize=False)`` (meta device),
+then per stage module apply TP / activation checkpointing / ``fully_shard`` in place, then
+``pipe.init_weights()`` (``to_empty`` + the model's initialisation + the tied copy), or ``load_full_state_dict``.
+Set ``activation_dtype`` to what flows between stages (bf16 under an FSDP bf16 param policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from mgpt_ops import fused_linear_logprobs
+from mgpt_train.model.attention import AttentionInfo
+from mgpt_train.model.config import Qwen3VLConfig
+from mgpt_train.model.language import TextAttention, mrope_cos_sin
+from mgpt_train.model.moe import load_balancing_loss
+from mgpt_train.model.positions import mrope_position_ids
+from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights
+
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The split
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StagePlan:
+    index: int  # global stage index in [0, num_stages)
+    num_stages: int
+    rank: int  # pp rank that runs it
+    layers: range  # global decoder-layer indices
+    deepstack_taps: int  # DeepStack taps of the model (added after layers 0 .. taps - 1)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    @property
+    def pending_in(self) -> int:
+        """DeepStack taps received from the previous stage (the first stage makes them itself)."""
+        return 0 if self.is_first else max(0, self.deepstack_taps - self.layers.start)
+
+    @property
+    def pending_out(self) -> int:
+        """DeepStack taps passed on: those of layers after this stage."""
+        return 0 if self.is_last else max(0, self.deepstack_taps - self.layers.stop)
+
+
+def split_layers(num_layers: int, num_stages: int, layers_per_stage=None) -> list[range]:
+    """Contiguous layer blocks: L // S each, the L % S extra layers to stages 1, 2, ... (see the module doc)."""
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+        if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"pipeline: 'layers_per_stage' must hold {num_stages} counts >= 1 summing to the "
+                             f"{num_layers} decoder layers, got {counts}")
+    else:
+        if num_layers < num_stages:
+            raise ValueError(f"pipeline: {num_layers} decoder layers cannot fill {num_stages} stages (pp_size x "
+                             f"virtual_stages); every stage needs at least one layer")
+        base, extra = divmod(num_layers, num_stages)
+        counts = [base + (1 <= s <= extra) for s in range(num_stages)]
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def plan_stages(config: Qwen3VLConfig, pp_size: int, virtual_stages: int = 1, layers_per_stage=None
+                ) -> list[StagePlan]:
+    """Every stage of the pipeline (all ranks), in stage order."""
+    for name, value in (("pp_size", pp_size), ("virtual_stages", virtual_stages)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"pipeline: '{name}' must be an int >= 1, got {value!r}")
+    num_stages = pp_size * virtual_stages
+    blocks = split_layers(config.text.num_hidden_layers, num_stages, layers_per_stage)
+    taps = len(config.vision.deepstack_visual_indexes)
+    return [StagePlan(s, num_stages, s % pp_size, block, taps) for s, block in enumerate(blocks)]
+
+
+def check_schedule(schedule: str, n_microbatches: int, pp_size: int, virtual_stages: int) -> None:
+    """Errors for a schedule that cannot run these degrees (checked before any stage is built)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline: unknown schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
+    if not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"pipeline: 'n_microbatches' must be an int >= 1, got {n_microbatches!r}")
+    if schedule == "Interleaved1F1B":
+        # Stricter than torch's current rule, and the rule of its older releases: whole rounds of pp micro-batches.
+        if n_microbatches % pp_size:
+            raise ValueError(f"pipeline: schedule 'Interleaved1F1B' needs n_microbatches ({n_microbatches}) to be "
+                             f"a multiple of pp_size ({pp_size})")
+        return
+    if virtual_stages != 1:
+        raise ValueError(f"pipeline: schedule {schedule!r} runs one stage per rank; virtual_stages="
+                         f"{virtual_stages} needs 'Interleaved1F1B'")
+    if schedule == "1F1B" and n_microbatches < pp_size:
+        raise ValueError(f"pipeline: schedule '1F1B' needs n_microbatches ({n_microbatches}) >= pp_size "
+                         f"({pp_size})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Micro-batches padded to a fixed length
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PaddedMicroBatch:
+    input_ids: torch.Tensor  # int64 [seq_len]
+    labels: torch.Tensor  # int64 [seq_len], -100 on the pad sample
+    cu_seqlens: torch.Tensor  # int32 [S + 1 (+ 1 for the pad sample)]
+    position_ids: torch.Tensor  # int64 [3, seq_len]
+    info: AttentionInfo
+    label_rows: torch.Tensor  # int64 rows with a label
+    image_rows: torch.Tensor  # int64 rows holding image tokens
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor  # int64 [N, 3]
+    tokens: int  # real (unpadded) tokens
+
+
+def pad_microbatch(batch: dict, config: Qwen3VLConfig, seq_len: int, device, pad_token_id: int = 0
+                   ) -> PaddedMicroBatch:
+    """One packed batch padded to ``seq_len`` with a pad sample (see the module docstring)."""
+    check_batch(batch, config)
+    if "labels" not in batch:
+        raise ValueError("pipeline: every micro-batch needs 'labels' (the last stage computes the loss)")
+    tokens = batch["input_ids"].shape[0]
+    if tokens > seq_len:
+        raise ValueError(f"pipeline: a micro-batch holds {tokens} tokens, more than seq_len={seq_len}; pack "
+                         f"micro-batches to at most seq_len tokens")
+    pad = seq_len - tokens
+    input_ids = torch.cat([batch["input_ids"].cpu(), torch.full((pad,), pad_token_id, dtype=torch.int64)])
+    labels = torch.cat([batch["labels"].cpu(), torch.full((pad,), IGNORE_INDEX, dtype=torch.int64)])
+    cu_seqlens = batch["cu_seqlens"].cpu()
+    if pad:
+        cu_seqlens = torch.cat([cu_seqlens, torch.tensor([seq_len], dtype=torch.int32)])
+    grid = batch.get("image_grid_thw")
+    grid = torch.zeros(0, 3, dtype=torch.int64) if grid is None else grid.cpu()
+    pixels = batch.get("pixel_values")
+    pixels = pixels.to(device) if pixels is not None and pixels.shape[0] else None
+    positions = mrope_position_ids(input_ids, cu_seqlens, grid, config.image_token_id,
+                                   config.vision.spatial_merge_size)
+    cu_seqlens = cu_seqlens.to(device)
+    return PaddedMicroBatch(
+        input_ids=input_ids.to(device), labels=labels.to(device), cu_seqlens=cu_seqlens,
+        position_ids=positions.to(device), info=AttentionInfo.from_cu_seqlens(cu_seqlens),
+        label_rows=torch.nonzero(labels != IGNORE_INDEX).flatten().to(device),
+        image_rows=torch.nonzero(input_ids == config.image_token_id).flatten().to(device),
+        pixel_values=pixels, image_grid_thw=grid, tokens=tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage modules
+# --------------------------------------------------------------------------------------------------------------
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``hidden`` whose backward also sends gradient 1 into ``aux``: a stage's MoE aux loss joins
+    the backward pass without being an output the schedule would have to carry."""
+
+    @staticmethod
+    def forward(ctx, hidden, aux):
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        return grad_hidden, torch.ones((), dtype=torch.float32, device=grad_hidden.device)
+
+
+class _TextPart(nn.Module):
+    """The stage's share of ``Qwen3VLModel.language_model`` under the same attribute names."""
+
+    def __init__(self, layers: dict[str, nn.Module], embed_tokens=None, norm=None):
+        super().__init__()
+        if embed_tokens is not None:
+            self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleDict(layers)
+        if norm is not None:
+            self.norm = norm
+
+
+class PipelineStageModule(nn.Module):
+    """One pipeline stage: ``forward(*activations, microbatch)`` (see the module docstring for what flows)."""
+
+    def __init__(self, plan: StagePlan, full: Qwen3VLModel):
+        super().__init__()
+        self.plan, self.config = plan, full.config
+        text = full.language_model
+        if plan.is_first:
+            self.visual = full.visual
+        self.language_model = _TextPart({str(i): text.layers[i] for i in plan.layers},
+                                        embed_tokens=text.embed_tokens if plan.is_first else None,
+                                        norm=text.norm if plan.is_last else None)
+        if plan.is_last:
+            if full.config.tie_word_embeddings and not plan.is_first:
+                # The head's own copy of the tied embedding (kept equal by Pipeline, see the module docstring).
+                weight = text.embed_tokens.weight
+                self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                                         dtype=weight.dtype)
+            else:
+                self.lm_head = full.lm_head
+        moe_layers = [i for i in range(full.config.text.num_hidden_layers) if full.config.text.is_moe_layer(i)]
+        local_moe = sum(i in plan.layers for i in moe_layers)
+        self.aux_weight = (full.config.text.router_aux_loss_coef * local_moe / len(moe_layers)) if local_moe else 0.0
+        self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when this one stage holds both (``to_empty`` unties them)."""
+        if self.config.tie_word_embeddings and self.plan.is_first and self.plan.is_last:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def _first_stage_inputs(self, input_ids: torch.Tensor, mb: PaddedMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [T, H] with the image features at the image rows, all DeepStack taps [k, T, H])."""
+        hidden = self.language_model.embed_tokens(input_ids.reshape(-1))
+        taps = self.plan.deepstack_taps
+        pending = hidden.new_zeros(taps, *hidden.shape)
+        if mb.pixel_values is not None:
+            image_embeds, deepstack = self.visual(mb.pixel_values, mb.image_grid_thw)
+            if mb.image_rows.shape[0] != image_embeds.shape[0]:
+                raise ValueError(f"pipeline: {mb.image_rows.shape[0]} image tokens in input_ids but the images "
+                                 f"give {image_embeds.shape[0]} embeddings")
+            hidden = hidden.index_copy(0, mb.image_rows, image_embeds.to(hidden.dtype))
+            if taps:
+                pending = pending.index_copy(1, mb.image_rows, torch.stack(deepstack).to(hidden.dtype))
+        return hidden, pending
+
+    def forward(self, *activations: torch.Tensor, microbatch: torch.Tensor):
+        plan = self.plan
+        mb = self.microbatches[int(microbatch.reshape(-1)[0])]
+        if plan.is_first:
+            hidden, pending = self._first_stage_inputs(activations[0], mb)
+        else:
+            hidden = activations[0][0]
+            pending = activations[1][0] if plan.pending_in else None
+        cos, sin = mrope_cos_sin(mb.position_ids, self.config.text, hidden.dtype)
+        router_stats = []
+        for index in plan.layers:
+            hidden, stats = self.language_model.layers[str(index)](hidden, cos, sin, mb.cu_seqlens, mb.info)
+            if stats is not None:
+                router_stats.append(stats)
+            if index < plan.deepstack_taps:
+                # Zeros outside the image rows: the same sum as the model's index_add at those rows.
+                hidden = hidden + pending[index - plan.layers.start]  # pending starts at this stage's first layer
+        if router_stats and self.aux_weight:
+            aux = load_balancing_loss(router_stats, self.config.text.num_experts)
+            hidden = _AttachAuxLoss.apply(hidden, aux * (self.aux_weight / len(self.microbatches)))
+        if plan.is_last:
+            return self._logprobs(self.language_model.norm(hidden), mb)[None]
+        if plan.pending_out:
+            used = len(plan.layers)
+            return hidden[None], pending[used:][None]
+        return hidden[None]
+
+    def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
+        """Per-token log-probability of the label [T] (0 on unlabelled rows); the head runs on labelled rows."""
+        rows = mb.label_rows
+        logprobs, _ = fused_linear_logprobs(hidden[rows], self.lm_head.weight, mb.labels[rows],
+                                            ignore_index=IGNORE_INDEX, return_entropy=False)
+        return logprobs.new_zeros(hidden.shape[0]).index_copy(0, rows, logprobs)
+
+
+def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: torch.dtype
+                      ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(inputs, outputs) of a stage as meta tensors: the static shapes that spare the schedule a trial forward."""
+    def activation(pending: int) -> tuple[torch.Tensor, ...]:
+        hidden = torch.empty(1, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
+        if not pending:
+            return (hidden,)
+        return hidden, torch.empty(1, pending, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
+
+    inputs = ((torch.empty(1, seq_len, dtype=torch.int64, device="meta"),) if plan.is_first
+              else activation(plan.pending_in))
+    outputs = ((torch.empty(1, seq_len, dtype=torch.float32, device="meta"),) if plan.is_last
+               else activation(plan.pending_out))
+    return inputs, outputs
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (its storage, under no_grad), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------------
+class Pipeline:
+    """The stages one pp rank runs, their schedule, and the full-model view of their parameters."""
+
+    def __init__(self, config: Qwen3VLConfig, plans: list[StagePlan], pp_mesh, *, schedule: str,
+                 n_microbatches: int, seq_len: int, device, activation_dtype: torch.dtype, pad_token_id: int):
+        self.config, self.n_microbatches, self.seq_len = config, n_microbatches, seq_len
+        self.device = torch.device(device)
+        self.pad_token_id = pad_token_id
+        self.pp_group = pp_mesh.get_group()
+        pp_rank = pp_mesh.get_local_rank()
+        self.plans = [plan for plan in plans if plan.rank == pp_rank]
+        with torch.device("meta"):
+            full = Qwen3VLModel(config)
+        self.stage_modules = [PipelineStageModule(plan, full) for plan in self.plans]
+        self._tie_local_stages()
+
+        stages = []
+        for plan, module in zip(self.plans, self.stage_modules):
+            inputs, outputs = _activation_metas(plan, seq_len, config.text.hidden_size, activation_dtype)
+            stages.append(PipelineStage(module, plan.index, plan.num_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.pp_group))
+        schedule_class = SCHEDULES[schedule]
+        # The loss is already divided by the step's token count: no further scaling by the micro-batch count.
+        stage_arg = stages if schedule == "Interleaved1F1B" else stages[0]
+        self.schedule = schedule_class(stage_arg, n_microbatches, loss_fn=self._loss, scale_grads=False)
+        self._loss_scale = 1.0
+
+        # Tied head and embedding on two ranks: each holds a copy, the pair exchanges values and gradients.
+        first, last = plans[0], plans[-1]
+        self._tied_is_source = pp_rank == first.rank
+        self._tied_peer = None
+        if config.tie_word_embeddings and first.rank != last.rank and pp_rank in (first.rank, last.rank):
+            self._tied_peer = dist.get_global_rank(self.pp_group, last.rank if self._tied_is_source else first.rank)
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def has_first_stage(self) -> bool:
+        return self.plans[0].is_first
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.plans[-1].is_last
+
+    def _tie_local_stages(self) -> None:
+        """Tied weights whose first and last stages both run here share one Parameter."""
+        if self.config.tie_word_embeddings and self.has_first_stage and self.has_last_stage:
+            self.stage_modules[-1].lm_head.weight = self.stage_modules[0].language_model.embed_tokens.weight
+
+    @property
+    def _tied_param(self) -> nn.Parameter | None:
+        """This rank's copy of a tied weight shared with another rank (looked up now: ``to_empty`` and
+        ``load_state_dict`` may replace the Parameter objects)."""
+        if self._tied_peer is None:
+            return None
+        if self._tied_is_source:
+            return self.stage_modules[0].language_model.embed_tokens.weight
+        return self.stage_modules[-1].lm_head.weight
+
+    def named_parameters(self):
+        """(full-model name, parameter) of every parameter on this rank, each shared Parameter once."""
+        seen = set()
+        for module in self.stage_modules:
+            for name, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param
+
+    def parameters(self):
+        return (param for _, param in self.named_parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's part of the full model's state dict: the same keys, disjoint between pp ranks, together
+        all of them (a tied head is listed as ``lm_head.weight`` by the last stage, as the full model does)."""
+        state = {}
+        for module in self.stage_modules:
+            state.update(module.state_dict())
+        return state
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's parameters from a full model's state dict (plain tensors, before FSDP/TP)."""
+        for module in self.stage_modules:
+            if any(p.is_meta for p in module.parameters()):
+                module.to_empty(device=self.device)
+            module.load_state_dict({name: state[name] for name in module.state_dict()}, strict=True)
+        self._tie_local_stages()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Materialise the stages on the device and initialise them as the model does; the last stage's tied
+        head is then copied from stage 0 so both copies start equal."""
+        for module in self.stage_modules:
+            module.to_empty(device=self.device)
+        self._tie_local_stages()
+        for module in self.stage_modules:
+            module.tie_weights()
+            init_module_weights(module, std)  # the model's own initialisation rules
+        if self._tied_peer is not None:
+            weight = _local(self._tied_param)
+            if self._tied_is_source:
+                dist.send(weight.contiguous(), self._tied_peer, group=self.pp_group)
+            else:
+                dist.recv(weight, self._tied_peer, group=self.pp_group)
+
+    def set_attention_fn(self, fn) -> None:
+        """Install ``fn(q, k, v, cu_seqlens, info)`` in every decoder layer of this rank's stages."""
+        for module in self.stage_modules:
+            for sub in module.modules():
+                if isinstance(sub, TextAttention):
+                    sub.attention_fn = fn
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _loss(self, logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return -(logprobs * (labels != IGNORE_INDEX)).sum() * self._loss_scale
+
+    @torch.no_grad()
+    def _reduce_tied_grads(self) -> None:
+        """Both copies of the tied weight get the sum of the embedding's and the head's gradients."""
+        param = self._tied_param
+        if param is None:
+            return
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        mine = _local(param.grad)
+        theirs = torch.empty_like(mine)
+        ops = [dist.P2POp(dist.isend, mine.contiguous(), self._tied_peer, self.pp_group),
+               dist.P2POp(dist.irecv, theirs, self._tied_peer, self.pp_group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        mine.add_(theirs)
+
+    def step(self, microbatches: list[dict], *, global_tokens: int | None = None) -> torch.Tensor | None:
+        """Forward and backward of ``n_microbatches`` packed batches (every pp rank passes the same list; only the
+        first stage reads pixel_values). Gradients accumulate into the stage parameters' ``.grad``. Returns the
+        step's loss, sum over label tokens of -log p / N, on the rank holding the last stage (None elsewhere).
+        N = the step's label tokens, or ``global_tokens`` (e.g. summed over data-parallel ranks by the caller)."""
+        if not isinstance(microbatches, (list, tuple)) or len(microbatches) != self.n_microbatches:
+            got = (f"{len(microbatches)} of them" if isinstance(microbatches, (list, tuple))
+                   else type(microbatches).__name__)
+            raise ValueError(f"Pipeline.step: 'microbatches' must be a list of {self.n_microbatches} packed batches, "
+                             f"got {got}")
+        padded = [pad_microbatch(batch, self.config, self.seq_len, self.device, self.pad_token_id)
+                  for batch in microbatches]
+        tokens = sum(mb.label_rows.shape[0] for mb in padded) if global_tokens is None else global_tokens
+        self._loss_scale = 1.0 / max(int(tokens), 1)
+        for module in self.stage_modules:
+            module.microbatches = padded
+        args = (torch.stack([mb.input_ids for mb in padded]),) if self.has_first_stage else ()
+        target = torch.stack([mb.labels for mb in padded]) if self.has_last_stage else None
+        losses = [] if self.has_last_stage else None
+        try:
+            # The index stays on the host: each stage reads it with int() and must not wait on the device.
+            self.schedule.step(*args, target=target, losses=losses, microbatch=torch.arange(self.n_microbatches))
+        finally:
+            for module in self.stage_modules:
+                module.microbatches = []
+        self._reduce_tied_grads()
+        return torch.stack(losses).sum().detach() if self.has_last_stage else None
+
+
+def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,
+                   seq_len: int, device, virtual_stages: int = 1, layers_per_stage=None,
+                   activation_dtype: torch.dtype = torch.float32, pad_token_id: int = 0,
+                   materialize: bool = True) -> Pipeline:
+    """The pipeline of ``model_config`` over the 1-D ``pp_mesh`` (``mesh["pp"]`` of ParallelDims).
+
+    schedule: "GPipe", "1F1B" (one stage per rank) or "Interleaved1F1B" (``virtual_stages`` per rank).
+    seq_len: every micro-batch is padded to this many tokens (see the module docstring).
+    materialize: False keeps the stages on the meta device for TP/FSDP; then call ``init_weights`` (or
+    ``load_full_state_dict``) yourself."""
+    pp_size = pp_mesh.size()
+    check_schedule(schedule, n_microbatches, pp_size, virtual_stages)
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"pipeline: 'seq_len' must be an int >= 1, got {seq_len!r}")
+    if not (0 <= pad_token_id < model_config.text.vocab_size) or pad_token_id == model_config.image_token_id:
+        raise ValueError(f"pipeline: 'pad_token_id' must be a text token id in [0, {model_config.text.vocab_size}) "
+                         f"other than image_token_id {model_config.image_token_id}, got {pad_token_id}")
+    plans = plan_stages(model_config, pp_size, virtual_stages, layers_per_stage)
+    pipeline = Pipeline(model_config, plans, pp_mesh, schedule=schedule, n_microbatches=n_microbatches,
+                        seq_len=seq_len, device=device, activation_dtype=activation_dtype,
+                        pad_token_id=pad_token_id)
+    if materialize:
+        pipeline.init_weights()
+    return pipeline
