@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mgpt_train.model.config import TextConfig
 
@@ -62,14 +63,17 @@ class GroupedExperts(nn.Module):
 
     def compute(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of local expert e on rows [sum(counts[:e]), sum(counts[:e+1])) of ``x_sorted``."""
-        if tokens_per_expert.shape != (self.gate_up_proj.shape[0],):
+        # Under expert parallelism the weights are DTensors sharded over experts: compute on the local shard.
+        gate_up_proj, down_proj = (w.to_local() if isinstance(w, DTensor) else w
+                                   for w in (self.gate_up_proj, self.down_proj))
+        if tokens_per_expert.shape != (gate_up_proj.shape[0],):
             raise ValueError(f"GroupedExperts.compute: 'tokens_per_expert' must have shape "
-                             f"[{self.gate_up_proj.shape[0]}] (one count per local expert), got "
+                             f"[{gate_up_proj.shape[0]}] (one count per local expert), got "
                              f"{list(tokens_per_expert.shape)}")
         outputs = []
         # unbind once: indexing gate_up_proj[e] per expert would make every backward of that index allocate
         # a zero [E, 2I, H] gradient (E^2 traffic); unbind's backward stacks the per-expert gradients once.
-        experts = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        experts = zip(gate_up_proj.unbind(0), down_proj.unbind(0))
         # Empty experts still run (an empty matmul): every expert weight stays in the autograd graph and gets a
         # zero gradient rather than None, so sharded gradient reductions (FSDP2, EP) stay in step across ranks.
         for rows, (gate_up_proj, down_proj) in zip(torch.split(x_sorted, tokens_per_expert.tolist()), experts):

@@ -1,0 +1,356 @@
+"""Apply tensor, context, expert and (hybrid-)sharded data parallelism to a ``Qwen3VLModel``, on torch.distributed
+only (DTensor plans, plain collectives, FSDP2), in torchtitan's order -- see ``parallelize_qwen3_vl``.
+
+Where the tokens live (T = packed tokens of one micro-batch, the batch layout of the train interfaces):
+    * every rank runs the embedding and the vision tower on the WHOLE packed sequence and computes the MRoPE
+      positions of all T tokens (they depend on the images and sample boundaries, not on the shard);
+    * a forward pre-hook on ``model.language_model`` (the decoder) then keeps this rank's tokens:
+      context parallelism (cp) keeps the load-balanced ``shard_sequence`` shard (chunks r and 2cp-1-r of 2cp),
+      and sequence parallelism (tp) splits that shard into tp contiguous pieces for the norms and residuals;
+      attention and MLP all-gather the tp pieces (DTensor plans) and attention all-gathers K/V over cp
+      (``make_cp_attention_fn``); DeepStack features become dense [T, H] additions sharded the same way;
+    * a forward hook gathers the final hidden states over tp (the head needs every token of the cp shard on
+      every tp rank) and sums the MoE router statistics over cp, so the load-balancing loss is the one of the
+      whole sequence;
+    * ``model.forward`` is replaced (an instance attribute; names and the state dict do not change) by one that
+      keeps this rank's labels and runs ``fused_linear_logprobs`` on the local vocabulary shard of the head with
+      the tp group (vocabulary parallelism), returning sums instead of a mean:
+          {"loss_sum": -sum log p over this rank's label tokens, "n_tokens": their count, "aux_loss",
+           "aux_term": router_aux_loss_coef * aux_loss (0 for dense), "loss": loss_sum / n_tokens + aux_term}
+      ``model.logits`` (tests / evaluation) is not parallelized: call it on an unparallelized model.
+Packed lengths must be divisible by 2*cp and T/cp by tp: pad with ``pad_packed_batch`` (a separate sample of
+label -100 tokens) or get a ValueError naming the sizes.
+
+Loss normalisation (``global_token_mean_loss``): the single-process objective of the dp x cp micro-batches of a
+step is  sum(-log p over ALL label tokens) / (ALL label tokens)  + coef * mean over micro-batches of aux_loss.
+FSDP2 AVERAGES gradients over the dp_replicate x dp_shard x cp ranks (N of them), so each rank backpropagates
+    loss_sum_local * N / global_tokens  + coef * aux_loss
+and the average of the N gradients is the gradient of that objective (tp ranks hold identical losses and are not
+averaged). Expert parameters under EP receive the sum over their ep group's tokens already (the all-to-all
+backward), so their FSDP reduction divides by N as well (not by its own N/ep ranks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+from mgpt_ops import fused_linear_logprobs
+from mgpt_train.model.moe import GroupedExperts, RouterStats, SparseMoeBlock
+from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel
+from mgpt_train.parallel import expert_parallel_moe, make_cp_attention_fn, shard_experts, shard_sequence
+from mgpt_train.parallel.expert_parallel import expert_parallel_blocks
+from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims
+
+# No input casting: the model casts where it needs to (patch embedding, embeddings' dtype downstream), and the
+# vision attention kernel takes its rotary tables in fp32.
+_MIXED_PRECISION = {"bf16": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                 cast_forward_inputs=False),
+                    "fp32": MixedPrecisionPolicy(cast_forward_inputs=False)}
+
+
+def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh, *,
+                         mixed_precision: str = "bf16", activation_checkpointing: bool = False) -> Qwen3VLModel:
+    """Parallelize ``model`` in place for ``parallel_dims`` on ``mesh`` (``parallel_dims.build_mesh(...)``) and
+    return it. Every rank calls it with the same (identically initialised) model. Order (torchtitan's):
+
+        0. [pipeline parallelism] -- PP splits the model into stages FIRST (mgpt_train/pipeline.py); this
+           function then parallelizes each stage's module. Not applied here: pp must be 1.
+        1. TP + sequence parallel (mesh "tp"): q/k/v/gate/up colwise, o/down rowwise with sequence-sharded
+           outputs, RMSNorms sequence-parallel (q_norm/k_norm shard over heads), embedding rowwise (vocabulary),
+           the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. The
+           vision tower stays replicated over tp (small next to the LM; its gradients are complete on every tp
+           rank because the hand-over to the decoder all-gathers them). MoE blocks are not split by tp either:
+           they run on the tp-gathered tokens, identically on every tp rank (their experts are split by ep).
+        2. CP (mesh "cp"): ``make_cp_attention_fn`` installed in every decoder layer, the decoder's input /
+           output hooks and the loss forward (module docstring).
+        3. EP (ep consecutive ranks of "dp_shard_cp", the groups of ``expert_parallel_group``): every MoE layer
+           keeps E/ep experts (``shard_experts``; DTensors sharded over the experts dim, so names and global shapes
+           do not change) and routes tokens with ``expert_parallel_moe`` (the function of ``ExpertParallelMoE``).
+        4. Activation checkpointing of every decoder layer and vision block (``activation_checkpointing``).
+        5. FSDP2 over "dp_shard_cp" (HSDP over ("dp_replicate", "dp_shard_cp") when dp_replicate > 1): one
+           ``fully_shard`` per vision block and decoder layer, then the root; expert parameters first get their own
+           ``fully_shard`` over the ranks holding the same experts (dp_replicate x dp_shard_cp / ep) that divides
+           their gradients by N (module docstring).
+           ``mixed_precision``: "bf16" (bf16 parameters in compute, fp32 gradient reduction) or "fp32".
+    """
+    if mixed_precision not in _MIXED_PRECISION:
+        raise ValueError(f"parallelize_qwen3_vl: 'mixed_precision' must be one of {sorted(_MIXED_PRECISION)}, got "
+                         f"{mixed_precision!r}")
+    if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
+        raise ValueError(f"parallelize_qwen3_vl: 'mesh' must be the mesh of ParallelDims.build_mesh with dims "
+                         f"{MESH_DIMS}, got {mesh.mesh_dim_names}")
+    if tuple(mesh.mesh.shape) != parallel_dims.sizes:
+        raise ValueError(f"parallelize_qwen3_vl: 'mesh' has shape {tuple(mesh.mesh.shape)} but parallel_dims say "
+                         f"{parallel_dims.sizes}")
+    if parallel_dims.pp > 1:
+        raise ValueError(f"parallelize_qwen3_vl: pp={parallel_dims.pp} is not composed here yet: pipeline stages are "
+                         f"split first (mgpt_train/pipeline.py), then each stage is parallelized (docstring, step 0)")
+    text = model.config.text
+    parallel_dims.check_model(num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+                              num_experts=text.num_experts if model.config.is_moe else None)
+
+    tp_mesh = mesh["tp"] if parallel_dims.tp > 1 else None
+    cp_group = mesh["cp"].get_group() if parallel_dims.cp > 1 else None
+    tokens = DecoderTokenLayout(cp_group, tp_mesh)
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
+    if cp_group is not None:
+        model.set_attention_fn(make_cp_attention_fn(cp_group))
+    if tokens.sharded:
+        model.language_model.register_forward_pre_hook(tokens.shard_decoder_inputs)
+        model.language_model.register_forward_hook(tokens.gather_decoder_outputs)
+    model.forward = _sharded_loss_forward(model, tokens)
+    expert_dp_mesh = None
+    if parallel_dims.ep > 1:
+        expert_dp_mesh = apply_expert_parallel(model, mesh, parallel_dims.ep)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp > 1:
+        apply_fsdp(model, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token layout of the decoder (context + sequence parallelism) and the loss
+# --------------------------------------------------------------------------------------------------------
+class DecoderTokenLayout:
+    """Which tokens of the packed sequence this rank's decoder holds (see the module docstring)."""
+
+    def __init__(self, cp_group, tp_mesh: DeviceMesh | None):
+        self.cp_group, self.tp_mesh = cp_group, tp_mesh
+        self.cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+        self.cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+        self.tp_size = tp_mesh.size() if tp_mesh is not None else 1
+        self.tp_group = tp_mesh.get_group() if tp_mesh is not None else None
+
+    @property
+    def sharded(self) -> bool:
+        return self.cp_size > 1 or self.tp_size > 1
+
+    def check_length(self, seq_len: int) -> None:
+        if seq_len % (2 * self.cp_size) or (seq_len // self.cp_size) % self.tp_size:
+            raise ValueError(f"parallelize_qwen3_vl: packed sequence length {seq_len} must be divisible by 2*cp = "
+                             f"{2 * self.cp_size} and by cp*tp = {self.cp_size * self.tp_size} (load-balanced context "
+                             f"chunks, then tp sequence pieces); pad it with pad_packed_batch")
+
+    def cp_shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self.cp_size == 1 else shard_sequence(x, dim, self.cp_rank, self.cp_size)
+
+    def decoder_shard(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] identical on the cp x tp ranks -> this rank's residual-stream rows. The tp split is a DTensor
+        redistribution so that its backward all-gathers the gradient: every tp rank then holds the complete
+        gradient of the (replicated) embeddings and vision tower."""
+        x = self.cp_shard(x, 0)
+        if self.tp_mesh is None:
+            return x
+        replicated = DTensor.from_local(x, self.tp_mesh, [Replicate()], run_check=False)
+        return replicated.redistribute(self.tp_mesh, [Shard(0)]).to_local()
+
+    def shard_decoder_inputs(self, _module, args):
+        """Forward pre-hook of ``TextModel``: (embeds [T,H], position_ids [3,T], cu_seqlens, info, visual_rows,
+        deepstack) -> this rank's rows. ``cu_seqlens`` stays global (context-parallel attention reads it); the
+        MRoPE positions keep the whole cp shard (tp ranks rotate the all-gathered q/k). DeepStack features turn
+        into dense [T, H] additions sharded like the embeddings; the decoder then adds them at every local row."""
+        embeds, position_ids, cu_seqlens, info, visual_rows, deepstack = args
+        self.check_length(embeds.shape[0])
+        local_embeds = self.decoder_shard(embeds)
+        local_deepstack = [self.decoder_shard(torch.zeros_like(embeds).index_add(0, visual_rows, f.to(embeds.dtype)))
+                           for f in deepstack]
+        local_rows = torch.arange(local_embeds.shape[0], device=embeds.device)
+        return local_embeds, self.cp_shard(position_ids, 1), cu_seqlens, info, local_rows, local_deepstack
+
+    def gather_decoder_outputs(self, _module, _args, output):
+        """Forward hook of ``TextModel``: hidden states of the whole cp shard on every tp rank, router statistics
+        summed over the cp ranks (the load-balancing loss of the whole sequence)."""
+        hidden, router_stats = output
+        if isinstance(hidden, DTensor):  # the tp-sequence-parallel final norm
+            # Backward is a local slice: the vocabulary-parallel loss hands every tp rank the full gradient.
+            hidden = hidden.redistribute(self.tp_mesh, [Replicate()]).to_local()
+        if self.cp_size > 1:
+            router_stats = [self._sum_over_cp(stats) for stats in router_stats]
+        return hidden, router_stats
+
+    def _sum_over_cp(self, stats: RouterStats) -> RouterStats:
+        counts = stats.counts.clone()
+        dist.all_reduce(counts, group=self.cp_group)
+        # Differentiable all-reduce: every cp rank's aux loss depends on every rank's router probabilities.
+        prob_sum = dist_autograd.all_reduce(stats.prob_sum, group=self.cp_group)
+        return RouterStats(counts, prob_sum, stats.rows * self.cp_size)
+
+
+def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout):
+    """The replacement of ``model.forward``: the model's hidden states (sharded by the hooks), this rank's labels,
+    and the head's local vocabulary shard with the tp group. Returns sums for ``global_token_mean_loss``."""
+
+    def forward(batch: dict) -> dict[str, torch.Tensor]:
+        hidden, aux = model.hidden_states(batch)
+        labels = tokens.cp_shard(batch["labels"], 0)
+        rows = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        weight = model.lm_head.weight
+        weight = weight.to_local() if isinstance(weight, DTensor) else weight
+        logprobs, _ = fused_linear_logprobs(hidden[rows], weight, labels[rows], ignore_index=IGNORE_INDEX,
+                                            return_entropy=False, process_group=tokens.tp_group)
+        loss_sum = -logprobs.sum()
+        aux_term = model.config.text.router_aux_loss_coef * aux if model.config.is_moe else torch.zeros_like(loss_sum)
+        return {"loss_sum": loss_sum, "n_tokens": torch.tensor(rows.shape[0], device=hidden.device),
+                "aux_loss": aux, "loss": loss_sum / max(rows.shape[0], 1) + aux_term, "aux_term": aux_term}
+
+    return forward
+
+
+def global_token_mean_loss(out: dict[str, torch.Tensor], dp_cp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate on this rank, detached global loss for logging) from the parallel forward's output,
+    with ``dp_cp_group`` = ``mesh["dp_cp"].get_group()`` (the ranks FSDP averages over; see the module docstring).
+
+    backward loss = loss_sum * N / global label tokens + coef * aux_loss       (N = size of dp_cp_group)
+    logged loss   = global sum of -log p / global label tokens + coef * mean over the group of aux_loss
+    """
+    n_ranks = dist.get_world_size(dp_cp_group)
+    totals = torch.stack([out["n_tokens"].to(out["loss_sum"].dtype), out["loss_sum"].detach(),
+                          out["aux_term"].detach().to(out["loss_sum"].dtype)])
+    dist.all_reduce(totals, group=dp_cp_group)
+    global_tokens = totals[0].clamp_min(1)
+    backward_loss = out["loss_sum"] * (n_ranks / global_tokens) + out["aux_term"]
+    return backward_loss, totals[1] / global_tokens + totals[2] / n_ranks
+
+
+def pad_packed_batch(batch: dict, multiple: int, pad_id: int = 0) -> dict:
+    """A copy of ``batch`` whose packed length is a multiple of ``multiple`` (2*cp*tp covers both rules): the
+    missing tokens form one extra sample of ``pad_id`` tokens with label -100 (no loss; the MoE router still sees
+    them). ``pad_id`` must not be the image token."""
+    length = batch["input_ids"].shape[0]
+    missing = -length % multiple
+    if not missing:
+        return dict(batch)
+    ids, labels, cu = batch["input_ids"], batch["labels"], batch["cu_seqlens"]
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([ids, ids.new_full((missing,), pad_id)])
+    padded["labels"] = torch.cat([labels, labels.new_full((missing,), IGNORE_INDEX)])
+    padded["cu_seqlens"] = torch.cat([cu, cu.new_tensor([length + missing])])
+    return padded
+
+
+# --------------------------------------------------------------------------------------------------------
+# The individual parallelisms
+# --------------------------------------------------------------------------------------------------------
+def apply_tensor_parallel(model: Qwen3VLModel, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism on the decoder (token dim 0 of the [T, H] residual stream)."""
+    layer_plan = {
+        "input_layernorm": SequenceParallel(sequence_dim=0),
+        # (x, cos, sin, cu_seqlens, info): gather x's sequence pieces; cos/sin already cover the cp shard.
+        "self_attn": PrepareModuleInput(input_layouts=(Shard(0), None, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None, None),
+                                        use_local_output=True),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        # q/k are [T, heads / tp, head_dim]: the per-head norm sees a head shard; as a "sequence" split over dim 1
+        # its replicated weight gets the gradient summed over the tp ranks.
+        "self_attn.q_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
+        "self_attn.k_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
+        "post_attention_layernorm": SequenceParallel(sequence_dim=0),
+    }
+    dense_mlp_plan = {
+        "mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),),
+                                  use_local_output=True),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
+    }
+    # MoE blocks are not split by tp (experts are split by ep): every tp rank routes the gathered cp shard the
+    # same way and keeps its sequence piece of the (output, router stats) result. That hand-over all-gathers the
+    # output gradient, so router and expert gradients are complete and identical on the tp ranks.
+    moe_plan = {"mlp": PrepareModuleInputOutput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),),
+                                                use_local_input=True, output_layouts=(Replicate(), None),
+                                                desired_output_layouts=(Shard(0), None), use_local_output=True)}
+    for layer in model.language_model.layers:
+        parallelize_module(layer, tp_mesh, layer_plan | (moe_plan if isinstance(layer.mlp, SparseMoeBlock)
+                                                         else dense_mlp_plan))
+    # The embedding output stays whole (image embeddings are scattered into it); the decoder hook shards it.
+    parallelize_module(model.language_model, tp_mesh, {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "norm": SequenceParallel(sequence_dim=0),
+    })
+    if model.config.tie_word_embeddings:
+        model.tie_weights()  # the head shares the (now vocabulary-sharded) embedding parameter
+    else:
+        head = model.lm_head.weight
+        model.lm_head.weight = nn.Parameter(distribute_tensor(head.detach(), tp_mesh, [Shard(0)]),
+                                            requires_grad=head.requires_grad)
+
+
+def apply_expert_parallel(model: Qwen3VLModel, mesh: DeviceMesh, ep: int) -> DeviceMesh:
+    """Shard every MoE layer's experts over ep ranks of "dp_shard_cp" and route its tokens with
+    ``expert_parallel_moe``; returns the data-parallel mesh of the experts (module docstring of the FSDP step).
+
+    The expert parameters become DTensors sharded over the experts dim on the "ep" dim of one expert mesh, so
+    names, global shapes and DCP checkpoints are those of the unparallelized model; ``GroupedExperts.forward`` is
+    replaced (instance attribute) by the all-to-all routing around ``compute`` on the local shards."""
+    expert_mesh = _expert_mesh(mesh, ep)
+    ep_mesh = expert_mesh["ep"]
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            experts = block.experts
+            for name in ("gate_up_proj", "down_proj"):
+                local = shard_experts(getattr(experts, name), ep_mesh.get_local_rank(), ep)
+                setattr(experts, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
+            experts.forward = functools.partial(expert_parallel_moe, experts,
+                                                num_experts=experts.num_experts, group=ep_mesh.get_group())
+    return expert_mesh["dp_replicate", "edp"] if expert_mesh.size(1) > 1 else expert_mesh["edp"]
+
+
+def _expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
+    """Mesh ("other" = pp x tp, "dp_replicate", "edp", "ep") over the same ranks: "ep" holds the groups of
+    ``expert_parallel_group`` (``expert_parallel_blocks``: ep consecutive ranks of "dp_shard_cp"), "edp" the
+    ranks of a "dp_shard_cp" group at the same position of their ep block (they hold the same experts)."""
+    sizes = dict(zip(MESH_DIMS, mesh.mesh.shape))
+    edp = sizes["dp_shard"] * sizes["cp"] // ep
+    blocks = torch.tensor(expert_parallel_blocks(mesh.mesh, ep))  # (pp, dp_replicate, tp, edp) blocks of ep
+    ranks = blocks.view(sizes["pp"], sizes["dp_replicate"], sizes["tp"], edp, ep).transpose(1, 2)
+    return DeviceMesh(mesh.device_type, ranks.reshape(-1, sizes["dp_replicate"], edp, ep),
+                      mesh_dim_names=("other", "dp_replicate", "edp", "ep"))
+
+
+def apply_activation_checkpointing(model: Qwen3VLModel) -> None:
+    """Recompute every decoder layer and vision block in backward (state-dict names are unchanged)."""
+    for blocks in (model.language_model.layers, model.visual.blocks):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp(model: Qwen3VLModel, mesh: DeviceMesh, parallel_dims: ParallelDims, mp_policy: MixedPrecisionPolicy,
+               expert_dp_mesh: DeviceMesh | None) -> None:
+    dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if parallel_dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+    n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
+    for block in model.visual.blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+    for layer in model.language_model.layers:
+        if expert_dp_mesh is not None:
+            for module in layer.modules():
+                if isinstance(module, GroupedExperts):
+                    _shard_experts_over(module, expert_dp_mesh, mp_policy, n_ranks)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+
+
+def _shard_experts_over(experts: GroupedExperts, expert_dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                        n_ranks: int) -> None:
+    fully_shard(experts, mesh=expert_dp_mesh, mp_policy=mp_policy)
+    # Each rank's expert gradients already sum its ep group's tokens: divide by all N data ranks, not edp's.
+    experts.set_gradient_divide_factor(float(n_ranks))
+    # A custom factor reduce-scatters with PREMUL_SUM, which gloo lacks: sum, then divide. Only when the
+    # reduce-scatter really communicates: over one rank torch divides while copying, and forcing would divide twice.
+    if expert_dp_mesh.size(-1) > 1 and hasattr(experts, "set_force_sum_reduction_for_comms"):
+        experts.set_force_sum_reduction_for_comms(True)
