@@ -23,6 +23,21 @@ TORCH_LIBRARY(mgpt, m) {
       "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens, int max_seqlen, Tensor? cos, Tensor? sin, float scale) -> (Tensor dq, Tensor dk, "
       "Tensor dv)");
+
+  // Quantized GEMMs (inference only). Contracts: mgpt_ops/quant/scaled_gemm.py (fp8/int8 with per-tensor or
+  // per-row scales), mgpt_ops/quant/block_gemm.py (fp8 with 1 x block activation groups and block x block weight
+  // blocks; grouped = one such product per MoE expert over its rows offsets[e] .. offsets[e + 1]),
+  // mgpt_ops/quant/w4a16.py (int4 group-quantized weights).
+  m.def(
+      "scaled_mm_kernel(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, Tensor? bias) "
+      "-> Tensor");
+  m.def(
+      "block_scaled_mm_kernel(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, int block, "
+      "Tensor? bias) -> Tensor");
+  m.def(
+      "grouped_block_scaled_mm_kernel(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor offsets, "
+      "ScalarType out_dtype, int block) -> Tensor");
+  m.def("w4a16_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor");
 }
 
 // A bare module init: the extension only registers ops with the dispatcher, so no pybind11 is needed.

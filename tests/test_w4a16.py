@@ -20,7 +20,7 @@ import mgpt_ops
 from conftest import DEVICE, faces_here, rel_err
 from mgpt_ops.quant.w4a16 import pack_int4, quantize_int4_weight, w4a16_mm
 
-FACES = faces_here(("reference", "triton"))
+FACES = faces_here(("reference", "triton", "cpu"))
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 GROUPS = [32, 64, 128]
 SHAPES = [(1, 72, 128), (7, 200, 384), (16, 72, 256), (33, 200, 384)]  # (M, N, K); N not a tile multiple

@@ -43,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from mgpt_ops import _ext
 from mgpt_ops._backend import available_backends, choose_backend
 from mgpt_ops._checks import check_tensor
 
@@ -174,6 +175,19 @@ def _grouped_block_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch
 @_grouped_block_scaled_mm_op.register_fake
 def _(a, b, scale_a, scale_b, offsets, out_dtype, block):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+# Fakes of the C++ kernels themselves (so they trace and opcheck on their own); an older build of mgpt_ops._C may
+# not declare them.
+if _ext.loaded() and hasattr(torch.ops.mgpt, "block_scaled_mm_kernel"):
+    @torch.library.register_fake("mgpt::block_scaled_mm_kernel")
+    def _(a, b, scale_a, scale_b, out_dtype, block, bias):
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+if _ext.loaded() and hasattr(torch.ops.mgpt, "grouped_block_scaled_mm_kernel"):
+    @torch.library.register_fake("mgpt::grouped_block_scaled_mm_kernel")
+    def _(a, b, scale_a, scale_b, offsets, out_dtype, block):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------

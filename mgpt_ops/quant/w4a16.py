@@ -21,9 +21,12 @@ Quantizer (round-to-nearest, no GPTQ), per group with values v:
     capped at the dtype's max (never inf * 0 = NaN). Hence |w - w_hat| <= s / 2 elementwise.
 
 Matmul: ``w4a16_mm(x, qweight, scales, zeros, group_size=...)`` = x @ w_hat.T, fp32 accumulation, output in
-x's dtype (bf16 / fp16; fp32 for tests). Faces: ``reference`` (dequantize in float64, then matmul -- the spec)
-and ``triton`` (``w4a16_triton.py``: in-kernel unpacking, split-K for decode sizes). Both ops are inference
-only: they have no autograd formula (the weight codes are not differentiable and no training path needs d/dx).
+x's dtype (bf16 / fp16; fp32 for tests). Faces: ``reference`` (dequantize in float64, then matmul -- the spec),
+``triton`` (``w4a16_triton.py``: in-kernel unpacking, split-K for decode sizes) and ``cpu`` (the C++ kernel
+``mgpt::w4a16_mm_kernel`` in ``mgpt_ops._C``, ``csrc/quant/w4a16_cpu.cpp``: fp32 weight panels decoded on the
+fly, MKL sgemm; available where that kernel is registered). Automatic choice: CUDA -> triton; CPU -> cpu, else
+reference. Both ops are inference only: they have no autograd formula (the weight codes are not
+differentiable and no training path needs d/dx).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from mgpt_ops import _ext
 from mgpt_ops._backend import choose_backend
 from mgpt_ops._checks import check_tensor
 
@@ -39,7 +43,12 @@ GROUP_SIZES = (32, 64, 128)
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PACK = 8  # int4 codes per int32
 SYMMETRIC_ZERO = 8
-_FACES = ("reference", "triton")
+# An older build of mgpt_ops._C may lack the kernel's schema (the dispatcher cannot even be asked about it):
+# the cpu face then does not exist in this process.
+_KERNEL_DECLARED = _ext.loaded() and hasattr(torch.ops.mgpt, "w4a16_mm_kernel")
+_FACES = ("reference", "triton") + (("cpu",) if _KERNEL_DECLARED else ())
+_PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
+_KERNELS = ("mgpt::w4a16_mm_kernel",)  # what the cpu face calls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,17 +132,25 @@ def _(w, group_size, symmetric):
 @torch.library.custom_op("mgpt::w4a16_mm", mutates_args=())
 def _w4a16_mm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                  group_size: int) -> torch.Tensor:
-    face = choose_backend("w4a16_mm", x.device, _FACES, {"cuda": ("triton",)})
+    face = choose_backend("w4a16_mm", x.device, _FACES, _PREFERENCE, _KERNELS)
     if face == "triton":
         from mgpt_ops.quant.w4a16_triton import w4a16_mm_triton
 
         return w4a16_mm_triton(x, qweight, scales, zeros, group_size)
+    if face == "cpu":
+        return torch.ops.mgpt.w4a16_mm_kernel(x, qweight, scales, zeros, group_size)
     return w4a16_mm_reference(x, qweight, scales, zeros, group_size)
 
 
 @_w4a16_mm_op.register_fake
 def _(x, qweight, scales, zeros, group_size):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+if _KERNEL_DECLARED:
+    @torch.library.register_fake("mgpt::w4a16_mm_kernel")
+    def _(x, qweight, scales, zeros, group_size):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------------------

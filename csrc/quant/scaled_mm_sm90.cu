@@ -1,0 +1,175 @@
+// CUDA kernel of mgpt::scaled_mm_kernel for Hopper (sm_90a): FP8 e4m3 GEMM with per-row or per-tensor
+// dequantisation scales, built from CUTLASS 3 (TMA loads, warp-specialised wgmma mainloop, epilogue visitor tree).
+// Contract: mgpt_ops/quant/scaled_gemm.py.
+//
+//   out[m, n] = cast_out( scale_a[m] * (scale_b[n] * acc[m, n]) + bias[n] ),   acc = sum_k a[m, k] b[n, k]
+//
+// a [M, K] row-major and b [N, K] row-major (= B^T column-major: both operands K-major, what wgmma wants).
+// The mainloop is CUTLASS's FP8 warp-specialised cooperative kernel WITHOUT "fast accumulation": Hopper's FP8
+// MMA accumulates with reduced precision, so the collective promotes the partial sums into fp32 registers
+// every few K blocks -- the fp32 accumulation the contract promises. Scales are broadcast in the epilogue as
+// a column vector (scale_a: one per row m) and a row vector (scale_b: one per column n); each is a runtime
+// choice between vector and scalar (per-tensor) through CUTLASS's dynamic broadcast stride. Bias is converted
+// to fp32 on the host; a null bias pointer broadcasts 0.
+//
+// NOT VERIFIED ON A GPU: this file is compiled for sm_90a in CI (MGPT_CUDA=compile-only) but has never run.
+// For that reason the `cuda` face of mgpt.scaled_mm is not in the automatic preference: it runs only when
+// pinned with mgpt_ops.use_backend("cuda"). It takes fp8 operands only: int8 runs on the triton face.
+//
+// TMA requires 16-byte aligned rows: K % 16 == 0 (fp8 rows) and N * sizeof(out) % 16 == 0, checked below.
+//
+// Without the CUTLASS headers (nvidia-cutlass not installed: CMakeLists.txt then adds no CUTLASS include path)
+// this file compiles to nothing, the CUDA kernel is not registered, and the cuda face reports itself missing.
+#if __has_include(<cutlass/cutlass.h>)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cutlass/cutlass.h>
+#include <cute/tensor.hpp>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include <optional>
+#include <string>
+
+#include "quant/quant_checks.h"
+
+namespace mgpt::quant {
+namespace {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+constexpr const char* kOp = "mgpt.scaled_mm_kernel";
+
+template <typename ElementD>
+struct RowScaledFp8Gemm {
+  using ElementA = cutlass::float_e4m3_t;
+  using ElementB = cutlass::float_e4m3_t;
+  using ElementAcc = float;
+  using LayoutA = cutlass::layout::RowMajor;     // a [M, K]
+  using LayoutB = cutlass::layout::ColumnMajor;  // B = b^T [K, N], i.e. b [N, K] row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignAB = 16;  // fp8 elements per 16-byte TMA row unit
+  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  using TileShape = Shape<_128, _128, _128>;
+  using ClusterShape = Shape<_1, _2, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+  // Epilogue visitor tree: scale_a[m] * (scale_b[n] * acc) + bias[n].
+  using ScaleA = fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, _0>>;
+  using ScaleB = fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, bool, _0>>;
+  using Bias = fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;
+  using TimesScaleB = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>, ScaleB,
+                                      fusion::Sm90AccFetch>;
+  using Output = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, float, kRound>,
+                                 ScaleA, TimesScaleB, Bias>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float, void, LayoutD, kAlignD, ElementD, LayoutD,
+      kAlignD, EpilogueSchedule, Output>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignAB, ElementB, LayoutB, kAlignAB,
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
+                  const float* bias, at::Tensor& out) {
+    const int m = static_cast<int>(a.size(0)), n = static_cast<int>(b.size(0)), k = static_cast<int>(a.size(1));
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    const StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1));
+    const StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(n, k, 1));
+    const StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(m, n, 1));
+
+    typename Output::Arguments epilogue_args{
+        {scale_a.const_data_ptr<float>(), 0.0f, {scale_a.size(0) != 1, _0{}, _0{}}},  // ScaleA
+        {{scale_b.const_data_ptr<float>(), 0.0f, {_0{}, scale_b.size(0) != 1, _0{}}}, {}, {}},  // TimesScaleB
+        {bias, 0.0f, {}},                                                                       // Bias
+        {}};                                                                                    // multiply-add
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const ElementA*>(a.const_data_ptr()), stride_a, static_cast<const ElementB*>(b.const_data_ptr()),
+         stride_b},
+        {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
+
+    Gemm gemm;
+    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, kOp,
+                ": CUTLASS cannot run this problem (alignment or size): a ", shape_of(a), ", b ", shape_of(b));
+    at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                     a.options().dtype(at::kByte));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+    const cutlass::Status status = gemm.run(args, workspace.data_ptr(), stream);
+    TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ",
+                cutlassGetStatusString(status));
+  }
+};
+
+void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.device() == a.device(), kOp, ": argument '", name, "' must be on ", a.device().str(), ", got ",
+              t.device().str());
+}
+
+at::Tensor scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                          const at::Tensor& scale_b, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.is_cuda(), kOp, ": the CUDA kernel got argument 'a' on ", a.device().str());
+  TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn && b.scalar_type() == at::kFloat8_e4m3fn, kOp,
+              ": the CUDA kernel takes float8_e4m3fn operands only (int8 runs on the triton face), got a=",
+              dtype_name(a.scalar_type()), ", b=", dtype_name(b.scalar_type()));
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(1), kOp,
+              ": arguments 'a' [M, K] and 'b' [N, K] must share K, got ", shape_of(a), " and ", shape_of(b));
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  check_cuda_tensor("b", b, a);
+  for (const auto& [name, s, rows] : {std::tuple{"scale_a", &scale_a, m}, std::tuple{"scale_b", &scale_b, n}}) {
+    check_cuda_tensor(name, *s, a);
+    check_dtype(kOp, name, *s, at::kFloat);
+    TORCH_CHECK(s->dim() == 2 && s->size(1) == 1 && (s->size(0) == 1 || s->size(0) == rows), kOp, ": argument '",
+                name, "' must have shape [1, 1] or [", std::to_string(rows), ", 1], got ", shape_of(*s));
+  }
+  check_out_dtype(kOp, out_dtype);
+  const int64_t out_bytes = at::elementSize(out_dtype);
+  TORCH_CHECK(k % 16 == 0 && (n * out_bytes) % 16 == 0, kOp, ": the CUDA kernel needs K % 16 == 0 and 16-byte "
+              "aligned output rows, got K = ", std::to_string(k), ", N = ", std::to_string(n));
+  if (bias.has_value()) check_cuda_tensor("bias", *bias, a);
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const std::optional<at::Tensor> bias_f =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const float* bias_p = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  if (out_dtype == at::kBFloat16) {
+    RowScaledFp8Gemm<cutlass::bfloat16_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else if (out_dtype == at::kHalf) {
+    RowScaledFp8Gemm<cutlass::half_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else {
+    RowScaledFp8Gemm<float>::run(a_c, b_c, sa, sb, bias_p, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgpt, CUDA, m) { m.impl("scaled_mm_kernel", &scaled_mm_sm90); }
+
+}  // namespace mgpt::quant
+
+#endif  // __has_include(<cutlass/cutlass.h>)
