@@ -12,5 +12,6 @@ To add a family: write ``bench/<module>.py`` with ``cases(device, quick) -> list
 FAMILIES = {
     "quant": "bench.quant_gemm",
     "rl": "bench.rl_losses",
+    "train": "bench.train_throughput",
     "vision": "bench.vision_attention",
 }

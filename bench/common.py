@@ -56,6 +56,7 @@ class CaseSetup:
     flops: float | None = None        # fewest floating-point operations the computation needs
     min_bytes: float | None = None    # fewest bytes it must move (each input read once, outputs written once)
     goal: Goal | None = None
+    rates: dict[str, float] | None = None  # work per call, e.g. {"tokens": 7992}: the runner adds "tokens_per_s"
 
 
 def load(module: str, attr: str):

@@ -10,19 +10,23 @@
 # cmake, ninja, nvcc; NO network): nothing here reaches an index. Run from anywhere; it works in the
 # repository that contains it. Each stage has its own time limit (seconds, override through the
 # environment) so one hang cannot eat the budget; a failed build does not stop the rest (Triton paths
-# still run). Default limits add up to ~8.5 minutes (build 220 + 3 families x 80 + tests 90 s).
+# still run). Default limits add up to ~7 minutes (build 150 + vision 60 + quant 50 + train 100 + tests 60 s);
+# the RL family (measured before) runs when named: BENCH_FAMILIES="rl ...".
 #
 # Order: build, benchmarks (one run per family, each with its own limit; they check correctness against the
 # baselines first), tests.
-# Writes flat into RESULTS_DIR (10 files at most): env.json log.txt (build, bench and test logs, one section
-# each) tests.xml {rl,vision,quant}_cuda.{json,png} summary.txt
+# Writes flat into RESULTS_DIR: env.json log.txt (build, bench and test logs, one section
+# each) tests.xml {family}_cuda.{json,png} per benchmarked family, summary.txt (12 files at most)
 set -uo pipefail
 
 R=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-220}  # the CUTLASS FP8 GEMM alone is ~70 s of nvcc
-TEST_TIMEOUT=${TEST_TIMEOUT:-90}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-80}  # per family
-BENCH_FAMILIES=${BENCH_FAMILIES:-rl vision quant}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}  # the CUTLASS FP8 GEMM alone is ~70 s of nvcc
+TEST_TIMEOUT=${TEST_TIMEOUT:-60}
+# per family: BENCH_TIMEOUT_<family> when set, else BENCH_TIMEOUT
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
+BENCH_TIMEOUT_quant=${BENCH_TIMEOUT_quant:-50}
+BENCH_TIMEOUT_train=${BENCH_TIMEOUT_train:-100}  # builds 1.2B / 2.8B-parameter models, times whole steps
+BENCH_FAMILIES=${BENCH_FAMILIES:-vision quant train}
 # pytest selection; distributed tests are CPU/gloo tests: nothing about them changes on a GPU.
 TEST_ARGS=${TEST_ARGS-'-m "not distributed" tests/'}
 # extra bench arguments, e.g. BENCH_ARGS='--only "N=8192"' to fit a short lease
@@ -32,6 +36,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$R"
 R=$(cd "$R" && pwd)
 cd "$(dirname "$0")/.."
+# mgpt_train is imported from the source tree (nothing is installed on the device)
+export PYTHONPATH="$PWD/training${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$R/summary.txt"
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -80,9 +86,11 @@ keep_log build.log
 
 # ---- benchmarks (the JSON is rewritten after every case, so a time-out keeps the finished ones)
 for family in $BENCH_FAMILIES; do
-  echo "== bench $family (limit ${BENCH_TIMEOUT}s)"
+  limit_var="BENCH_TIMEOUT_$family"
+  limit=${!limit_var:-$BENCH_TIMEOUT}
+  echo "== bench $family (limit ${limit}s)"
   start=$SECONDS
-  eval "timeout -s INT -k 20 $BENCH_TIMEOUT $PY -m bench --family $family --device cuda --out $R $BENCH_ARGS" \
+  eval "timeout -s INT -k 20 $limit $PY -m bench --family $family --device cuda --out $R $BENCH_ARGS" \
     >"$LOGS/bench_$family.log" 2>&1
   rc=$?
   note "bench $family: rc=$rc in $((SECONDS - start)) s (progress in log.txt)"
@@ -112,6 +120,7 @@ if ls "$R"/*_cuda.json >/dev/null 2>&1; then
   "$PY" -m bench --table "$R"/*_cuda.json >>"$SUMMARY" 2>&1
   # the vision goals (vs the fastest baseline, forward vs the matmul peak) are not table columns
   [ -f "$R/vision_cuda.json" ] && "$PY" -m bench.vision_attention "$R/vision_cuda.json" >>"$SUMMARY" 2>&1
+  [ -f "$R/train_cuda.json" ] && "$PY" -m bench.train_throughput "$R/train_cuda.json" >>"$SUMMARY" 2>&1
 else
   echo "no benchmark results" >>"$SUMMARY"
 fi

@@ -26,6 +26,7 @@ import torch
 from bench.common import CaseSetup, CaseSpec, Impl, generator, kernel_faces, load, pinned
 
 FP8 = torch.float8_e4m3fn
+TIMED_REGION = "forward only: one inference GEMM on operands quantized beforehand (quantization not timed)"
 BLOCK = 128
 TOP_K = 8
 # ours vs bf16 baselines: bf16 rounding of the dequantized operands and of the output (~2^-8 relative each)

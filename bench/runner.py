@@ -69,6 +69,8 @@ def _measure(module_name: str, spec: CaseSpec, setup: CaseSetup, record: dict, d
                 entry["tflop_per_s"] = setup.flops / (entry["time_ms"] * 1e-3) / 1e12
             if setup.min_bytes:
                 entry["gb_per_s"] = setup.min_bytes / (entry["time_ms"] * 1e-3) / 1e9
+            for unit, count in (setup.rates or {}).items():
+                entry[f"{unit}_per_s"] = count / (entry["time_ms"] * 1e-3)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a baseline at a large shape
             entry.update(_failure(exc))
         _free(device)
@@ -136,7 +138,7 @@ def run_family(family: str, device: torch.device, quick: bool, env: dict, after_
     module_name = FAMILIES[family]
     module = importlib.import_module(module_name)
     specs = [s for s in module.cases(device, quick) if not only or any(o in f"{s.name} {s.shape}" for o in only)]
-    result = _header(family, device, quick, env)
+    result = _header(family, device, quick, env, getattr(module, "TIMED_REGION", None))
     for i, spec in enumerate(specs, 1):
         log(f"[{i}/{len(specs)}] {family}/{spec.name} {spec.shape} ...", end=" ", flush=True)
         start = time.perf_counter()
@@ -149,13 +151,15 @@ def run_family(family: str, device: torch.device, quick: bool, env: dict, after_
     return result
 
 
-def _header(family: str, device: torch.device, quick: bool, env: dict) -> dict:
+def _header(family: str, device: torch.device, quick: bool, env: dict, timed_region: str | None = None) -> dict:
+    """A family module may say what one timed call does (``TIMED_REGION``); the default is the kernels' fwd+bwd."""
     cuda = device.type == "cuda"
     return {"schema": SCHEMA, "family": family, "device_type": device.type, "quick": quick, "complete": False,
             "env": env,
             "method": {"time": measure.CUDA_TIME_METHOD if cuda else measure.CPU_TIME_METHOD,
                        "memory": measure.CUDA_MEMORY_METHOD if cuda else measure.CPU_MEMORY_METHOD,
-                       "timed_region": "forward + backward (random upstream gradients, torch.autograd.grad)",
+                       "timed_region": timed_region
+                       or "forward + backward (random upstream gradients, torch.autograd.grad)",
                        "error": "||ours - baseline|| / ||baseline|| per output (float32 norms), checked "
                                 "before timing; max over outputs",
                        "ratios": "ours / baseline (below 1 is better) for time and peak memory"},
