@@ -1,0 +1,259 @@
+"""The training CLI and loop (mgpt_train.train) on the tiny model with small synthetic data.
+
+- a fixed micro-batch trained for a few steps lowers its loss; a short run writes finite per-step metrics, the
+  per-stage evaluations, the plot, the resolved config and prints the profile summary;
+- a run resumed from a mid-stage checkpoint continues bit for bit like the uninterrupted run, across a stage
+  boundary (per-step losses, evaluations and final weights identical);
+- freezing: parameters of a frozen part do not change during its stage and do change when it trains again; the
+  learning rate follows each stage's warm-up + cosine schedule (recomputed here from the formula);
+- the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2 -- exits 0
+  and its losses and gradient norms equal an unparallelized single-process reference trained on the same step
+  data (for dp: the union of both ranks' micro-batches, token-weighted mean loss);
+- bad command lines fail with one clear error line and exit status 2.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgpt_train import checkpoint
+from mgpt_train.config import ConfigError, load_config
+from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, parameter_part
+from mgpt_train.parallel_dims import ParallelDims
+from mgpt_train.train import (CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, build_model, build_optimizer,
+                              check_layout, load_data, main, make_encoder)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--data.synthetic.num_samples=40", "--data.synthetic.heldout_samples=6", "--data.max_tokens=256",
+         "--profiling.log_every=1"]
+
+
+def stages_override(*stages: tuple[int, dict]) -> list[str]:
+    """--curriculum.stages=[...] for stages of (steps, trainable) with distinct mixtures and lr scales."""
+    mixtures = [{"vertical": 0.8, "general": 0.2}, {"general": 0.7, "vertical": 0.3}, {"general": 1.0}]
+    spec = [{"name": f"stage{i}", "mixture": mixtures[i], "steps": steps, "lr_scale": 1.0 / (i + 1),
+             "warmup_ratio": 0.25, "trainable": trainable} for i, (steps, trainable) in enumerate(stages)]
+    return [f"--curriculum.stages={json.dumps(spec)}"]
+
+
+def config(tmp_path, *overrides: str):
+    return load_config(None, [*SMALL, f"--output_dir={tmp_path}", *overrides])
+
+
+# ----------------------------------------------------------------------------------- (a) the loop trains
+
+def test_fixed_batch_loss_decreases(tmp_path):
+    trainer = Trainer(config(tmp_path, *stages_override((1, {}))))
+    stage, batch = next(trainer.curriculum)
+    batch = trainer.prepare(batch)
+    results = [trainer.train_step(stage, batch, lr=2e-3) for _ in range(6)]
+    losses = [r["loss"] for r in results]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in results)
+    assert results[0]["label_tokens"] == int((batch["labels"] != -100).sum())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_writes_metrics_plot_config_and_summary(tmp_path, capsys):
+    cfg = config(tmp_path, *stages_override((2, {}), (2, {"vision": False})), "--profiling.nvtx=true",
+                 "--profiling.trace=true", "--profiling.trace_wait=1", "--profiling.trace_warmup=1",
+                 "--profiling.trace_active=1")
+    results = Trainer(cfg).fit()
+    printed = capsys.readouterr().out
+    assert "tokens / s (this rank)" in printed and "MFU" in printed and "held-out exact match" in printed
+
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["steps"] == results["steps"] and len(saved["steps"]) == 4
+    assert [s["stage"] for s in saved["steps"]] == ["stage0", "stage0", "stage1", "stage1"]
+    for step in saved["steps"]:
+        for key in ("loss", "grad_norm", "seconds", "tokens_per_s", "flops", "mfu"):
+            assert math.isfinite(step[key]) and step[key] > 0, (key, step)
+    assert [e["name"] for e in saved["evals"]] == ["initial", "stage0", "stage1"]
+    assert all(0 <= acc <= 1 for e in saved["evals"] for acc in e["accuracy"].values())
+    assert {"all", "general", "vertical"} <= saved["evals"][-1]["accuracy"].keys()
+    assert saved["summary"]["steps"] == 4 and saved["stage_steps"] == {"stage0": 2, "stage1": 2}
+    assert "peak_flops" in saved["environment"]
+    assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(tmp_path / CONFIG_FILE) == cfg
+    assert checkpoint.available_steps(tmp_path / "checkpoints") == [4]
+    trace = json.loads((tmp_path / "traces" / "trace_rank0_step3.json").read_text())
+    assert any(event.get("name") == "Optimizer.step#AdamW.step" for event in trace["traceEvents"])
+
+
+# ----------------------------------------------------------------------------------- (b) resume
+
+def test_resume_is_identical_across_a_stage_boundary(tmp_path):
+    stages = [*stages_override((2, {}), (2, {"vision": False})), "--checkpoint.every=1", "--checkpoint.keep=none"]
+    full_dir = tmp_path / "full"
+    full = Trainer(config(full_dir, *stages))
+    full_results = full.fit()
+    assert checkpoint.available_steps(full_dir / "checkpoints") == [1, 2, 3, 4]
+
+    # runs stopped after step 1 (mid stage 0) and after step 2 (the stage boundary): only that checkpoint
+    # survives, and a fresh Trainer resumes it
+    for stop in (1, 2):
+        resumed_dir = tmp_path / f"resumed_{stop}"
+        shutil.copytree(full_dir / "checkpoints" / f"step_{stop}", resumed_dir / "checkpoints" / f"step_{stop}")
+        resumed = Trainer(config(resumed_dir, *stages))
+        assert resumed.step == stop and len(resumed.history) == stop
+        resumed_results = resumed.fit()
+        for key in ("loss", "grad_norm", "lr", "label_tokens", "stage"):
+            assert [s[key] for s in resumed_results["steps"]] == [s[key] for s in full_results["steps"]], key
+        assert resumed_results["evals"] == full_results["evals"]
+        for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+            assert torch.equal(a, b), (stop, name)
+
+
+# ----------------------------------------------------------------------------------- (c) freezing and lr
+
+def expected_lr(peak: float, min_lr: float, warmup_ratio: float, step: int, steps: int) -> float:
+    warmup = round(warmup_ratio * steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    return min_lr + (peak - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def test_frozen_parts_do_not_change_and_lr_follows_the_stages(tmp_path):
+    steps = (2, 4, 2)
+    cfg = config(tmp_path, *stages_override((steps[0], {}), (steps[1], {"vision": False}),
+                                            (steps[2], {"language": False, "merger": False})),
+                 "--optimizer.lr=2e-3", "--optimizer.min_lr_ratio=0.2")
+    trainer = Trainer(cfg)
+    parts = {name: parameter_part(name) for name, _ in trainer.model.named_parameters()}
+    assert set(parts.values()) == {"vision", "merger", "language"}
+
+    def snapshot():
+        return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+    changed_by_stage = []
+    for stage_steps in steps:
+        before = snapshot()
+        for _ in range(stage_steps):
+            trainer.run_one_step()
+        after = snapshot()
+        changed = {part: [not torch.equal(before[n], after[n]) for n in parts if parts[n] == part]
+                   for part in ("vision", "merger", "language")}
+        changed_by_stage.append({part: (all(flags), any(flags)) for part, flags in changed.items()})
+    # (all changed, any changed) per part
+    assert changed_by_stage[0] == {"vision": (True, True), "merger": (True, True), "language": (True, True)}
+    assert changed_by_stage[1] == {"vision": (False, False), "merger": (True, True), "language": (True, True)}
+    assert changed_by_stage[2] == {"vision": (True, True), "merger": (False, False), "language": (False, False)}
+
+    lrs = [s["lr"] for s in trainer.history]
+    expected = [expected_lr(2e-3 / (i + 1), 2e-3 / (i + 1) * 0.2, 0.25, k, n) for i, n in enumerate(steps)
+                for k in range(n)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert all(group["lr"] == lrs[-1] for group in trainer.optimizers[0].param_groups)
+
+
+# ----------------------------------------------------------------------------------- (d) torchrun, 2 ranks
+
+def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
+    """(loss, gradient norm) per step of a single process without parallelism, each step on the union of every
+    data-parallel rank's micro-batch (curricula built for dp ranks 0..world-1), with the token-weighted mean loss
+    and torch's own gradient clipping."""
+    tokenizer = ByteTokenizer()
+    model = build_model(cfg, tokenizer, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    encoder = make_encoder(cfg, model.config, tokenizer)
+    train, _ = load_data(cfg)
+    curricula = [Curriculum(cfg.curriculum_stages(), train, encoder, seed=cfg.data.seed, dp_rank=r, dp_size=world)
+                 for r in range(world)]
+    steps, stage_name = [], None
+    for draws in zip(*curricula):
+        stage = draws[0][0]
+        if stage.name != stage_name:
+            apply_trainable(model, stage)
+            stage_name = stage.name
+        for group in optimizer.param_groups:
+            group["lr"] = curricula[0].lr
+        outs = [model(batch) for _, batch in draws]
+        tokens = sum(out["n_tokens"] for out in outs)
+        loss = sum(out["loss"] * out["n_tokens"] for out in outs) / tokens
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                              cfg.optimizer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps.append((loss.item(), norm.item()))
+    return steps
+
+
+# data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3 (some empty);
+# tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout, data_ranks", [
+    (["--parallel.dp_shard=2"], 2),
+    (["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=3"], 1),
+    (["--parallel.dp_shard=1", "--parallel.tp=2"], 1),
+], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2"])
+def test_torchrun_two_ranks_match_single_process(tmp_path, layout, data_ranks):
+    overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), *layout, "--optimizer.grad_clip=0.5",
+                 f"--output_dir={tmp_path}"]
+    # gloo ranks on the CPU, like the reference, also on a machine with a GPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "mgpt_train.train", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "profile summary" in run.stdout
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["world_size"] == 2
+    steps = [(s["loss"], s["grad_norm"]) for s in saved["steps"]]
+    reference = reference_steps(load_config(None, overrides), world=data_ranks)
+    assert len(steps) == len(reference) == 4
+    for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5), (steps,
+                                                                                                       reference)
+    assert min(norm for _, norm in reference) > 0.5  # clipping was active on every step
+    assert steps[-1][0] < steps[0][0]
+    evaluated = [e["name"] for e in saved["evals"]]
+    assert evaluated == ([] if "--parallel.pp=2" in layout else ["initial", "stage0", "stage1"])
+
+
+# ----------------------------------------------------------------------------------- (e) bad command lines
+
+def test_bad_key_in_a_subprocess_exits_2_with_one_clear_line():
+    run = subprocess.run([sys.executable, "-m", "mgpt_train.train", "--optimizer.lrr=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "error: unknown config key 'optimizer.lrr'; did you mean: optimizer.lr" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "no/such/file.toml"], "config file no/such/file.toml does not exist"),
+    (["--optimizer.lr=fast"], "config key 'optimizer.lr': expected float, got 'fast'"),
+    (["--parallel.tp=2"], "config section 'parallel' on 1 rank(s): ParallelDims: dp_replicate*cp*tp*pp = 2"),
+    (["--model.dtype=bfloat16"], "config key 'model.dtype': bfloat16 is FSDP2's mixed precision"),
+    (["--curriculum.stages.0.mixture={\"cockpit\": 1}"], "mixture prefix 'cockpit' matches no sample tag"),
+    (["--data.max_tokens=64"], "raise max_tokens or set max_sample_tokens"),
+    (["--curriculum.stages.0.steps"], "override '--curriculum.stages.0.steps': expected --key.sub=value"),
+])
+def test_bad_configuration_is_reported(tmp_path, capsys, argv, message):
+    assert main([*argv, f"--output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mgpt_train.train: error: ") and message in err, err
+
+
+def test_unsupported_layouts_are_config_errors():
+    with pytest.raises(ConfigError, match="pipeline parallelism runs alone in mgpt_train.train"):
+        check_layout(load_config(), ParallelDims(world_size=4, pp=2))
+    with pytest.raises(ConfigError, match="'model.dtype': bfloat16 is FSDP2's mixed precision"):
+        check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2, dp_shard=1, tp=2))
+    check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2))
+
+
+def test_never_resume_refuses_existing_checkpoints_and_help_exits_0(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
+    assert main([*SMALL, f"--output_dir={tmp_path}", "--checkpoint.resume=never"]) == 2
+    assert "'never' but" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "usage: python -m mgpt_train.train" in capsys.readouterr().out

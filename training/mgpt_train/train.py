@@ -1,0 +1,555 @@
+"""The training CLI: curriculum SFT of the compact Qwen3-VL, in one process or under torchrun.
+
+    python -m mgpt_train.train --config training/configs/main_job.toml [--key.sub=value ...]
+    torchrun --nproc-per-node 2 -m mgpt_train.train --config training/configs/tiny_cpu.toml --parallel.dp_shard=2
+
+One run (every rank computes, rank 0 prints and writes the result files):
+  1. the configuration (``mgpt_train.config``: file, then ``--key.sub=value`` overrides); a process group when
+     WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); ``ParallelDims`` and its DeviceMesh.
+  2. the model: built on the meta device, materialised with ``to_empty`` on the run's device and initialised by
+     ``init_weights`` after ``torch.manual_seed(data.seed)`` -- the same weights on every rank and in every run
+     -- then, with several ranks, ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
+     ``model.dtype = "bfloat16"``, which therefore needs FSDP). Every rank holds the full model once
+     before it is sharded (fine up to a few billion parameters; the 30B preset needs a sharded init).
+     Pipeline parallelism (``parallel.pp`` = the world size; not combined with other degrees here, nor with
+     activation checkpointing / compile): ``mgpt_train.pipeline`` stages loaded from the same seeded weights;
+     each step's micro-batch is split by whole samples into ``parallel.pp_microbatches`` pipeline micro-batches,
+     so the step, its loss and the curriculum are those of one process.
+  3. data: the synthetic train and held-out splits (or ``data.jsonl``, whose last ``data.synthetic.heldout_samples``
+     lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; one packed micro-batch per
+     data-parallel rank is one optimizer step.
+  4. AdamW, weight decay on matrices only (not on norms, biases). Its state is created for every parameter up
+     front (zeros and step 0, exactly what AdamW creates lazily), so checkpoints always hold every parameter's
+     state, even of parts frozen so far.
+  5. per step: on a stage change ``apply_trainable`` sets ``requires_grad`` of the vision / merger / language
+     parts. A frozen parameter gets no gradient (``zero_grad`` sets them to None), and AdamW skips parameters
+     without a gradient: frozen parts are neither updated nor decayed and keep their moments for the stage that
+     unfreezes them -- one optimizer (one per pipeline stage), one param-group layout for the whole run. The
+     learning rate of every group is the curriculum's for the step. Loss: with several ranks
+     ``global_token_mean_loss`` (sum of -log p over the label tokens of ALL data/context ranks divided by their
+     count: the single-process objective); gradient clipping by the global norm; NVTX ranges (data,
+     vision_forward, language_forward, backward, optimizer) when ``profiling.nvtx``; ``StepMeter`` (tokens/s and
+     MFU of this device, from ``profiling.qwen3_vl_flops`` with the stage's frozen parts, divided among the
+     tp x cp x pp devices sharing a micro-batch; peak memory); a progress line on rank 0; an optional
+     torch.profiler trace.
+  6. at the end of every stage (and before the first step): ``evaluate_by_tag`` on the held-out set (greedy answer
+     exact match, per tag and tag prefix), printed as a table with one column per evaluation, so forgetting of
+     the general tasks between stages shows (tp / cp: on an unsharded copy of the weights; skipped under pp,
+     whose stages give no full logits). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
+     position, metrics history) every ``checkpoint.every`` steps and at the end; ``checkpoint.resume`` continues
+     from one.
+  7. outputs in ``output_dir``: ``config.json`` (resolved), ``metrics.json`` (per-step metrics, per-stage
+     evaluations, summary, environment), ``loss_throughput.png``; the summary table on stdout.
+
+Exit status: 0 done, 2 for a bad command line or configuration (one ``error:`` line on stderr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mgpt_train import checkpoint, profiling
+from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
+from mgpt_train.data import (IGNORE_INDEX, ByteTokenizer, Curriculum, ImageProcessorConfig, Sample, SampleEncoder,
+                             apply_trainable, evaluate_by_tag, load_jsonl, make_synthetic)
+from mgpt_train.model import Qwen3VLModel
+from mgpt_train.parallel_dims import ParallelDims
+from mgpt_train.profiling import (RANGE_BACKWARD, RANGE_DATA, RANGE_LANGUAGE, RANGE_OPTIMIZER, RANGE_STEP,
+                                  RANGE_VISION, nvtx_range)
+
+USAGE = """usage: python -m mgpt_train.train [--config FILE.toml|FILE.json] [--section.key=value ...]
+       torchrun --nproc-per-node N -m mgpt_train.train [same arguments]
+
+Trains the compact Qwen3-VL with the curriculum of the config (defaults: the tiny CPU run).
+Keys are dotted paths of mgpt_train.config.TrainConfig, e.g. --optimizer.lr=3e-4,
+--curriculum.stages.0.steps=8, --parallel.dp_shard=2, --checkpoint.resume=never, --output_dir=runs/x."""
+
+METRICS_FILE, PLOT_FILE, CONFIG_FILE = "metrics.json", "loss_throughput.png", "config.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up pieces (each usable on its own, e.g. by tests building a single-process reference)
+# ------------------------------------------------------------------------------------------------------------
+def run_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the default process group when torchrun launched several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out) samples: the synthetic splits, or a JSONL file whose last lines are held out."""
+    held = cfg.data.synthetic.heldout_samples
+    if cfg.data.jsonl is None:
+        return (make_synthetic(cfg.data.synthetic.num_samples, cfg.data.seed, "train"),
+                make_synthetic(held, cfg.data.seed, "heldout"))
+    samples = load_jsonl(cfg.data.jsonl)
+    if held >= len(samples):
+        raise ConfigError(f"config key 'data.synthetic.heldout_samples': {held} held-out lines leave no training "
+                          f"data in {cfg.data.jsonl} ({len(samples)} samples)")
+    return samples[:-held], samples[-held:]
+
+
+def make_encoder(cfg: TrainConfig, model_config, tokenizer: ByteTokenizer) -> SampleEncoder:
+    vision = model_config.vision
+    images = ImageProcessorConfig(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                  merge_size=vision.spatial_merge_size, min_pixels=cfg.data.min_pixels,
+                                  max_pixels=cfg.data.max_pixels)
+    return SampleEncoder(tokenizer, images)
+
+
+def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
+    """ConfigErrors for what this trainer does not combine: pipeline stages with other degrees, bf16 without FSDP."""
+    if dims.pp > 1 and dims.pp != dims.world_size:
+        raise ConfigError(f"config section 'parallel': pipeline parallelism runs alone in mgpt_train.train (pp = "
+                          f"world size), got {dims}")
+    if cfg.model.dtype == "bfloat16" and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
+        raise ConfigError("config key 'model.dtype': bfloat16 is FSDP2's mixed precision (bf16 compute, fp32 "
+                          "weights and reductions) and needs several data/context-parallel ranks; use float32")
+
+
+def init_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device) -> Qwen3VLModel:
+    """The run's initial weights: built on the meta device, materialised on ``device``, seeded initialisation."""
+    with torch.device("meta"):
+        model = Qwen3VLModel(cfg.model.build().with_tokenizer(tokenizer))
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.data.seed)
+    model.init_weights()
+    return model
+
+
+def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device,
+                dims: ParallelDims | None = None, mesh=None) -> Qwen3VLModel:
+    """The seeded model of the run (module docstring, step 2), parallelized when ``dims`` spans several ranks."""
+    model = init_model(cfg, tokenizer, device)
+    if dims is not None and dims.world_size > 1:
+        from mgpt_train.parallelize import parallelize_qwen3_vl
+
+        model = parallelize_qwen3_vl(model, dims, mesh, activation_checkpointing=cfg.model.activation_checkpointing,
+                                     mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else "fp32")
+    elif cfg.model.activation_checkpointing:
+        from mgpt_train.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if cfg.model.compile:
+        for layer in model.language_model.layers:
+            layer.compile()
+    return model
+
+
+def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device, pp_mesh):
+    """``mgpt_train.pipeline`` stages of the seeded model (the weights of a single-process run): 1F1B when there
+    are at least pp micro-batches, else GPipe; every micro-batch padded to the largest stage token budget."""
+    from mgpt_train.pipeline import build_pipeline
+
+    full = init_model(cfg, tokenizer, device)
+    count = cfg.parallel.pp_microbatches
+    pipe = build_pipeline(full.config, pp_mesh, schedule="1F1B" if count >= pp_mesh.size() else "GPipe",
+                          n_microbatches=count, seq_len=max(s.max_tokens for s in cfg.curriculum_stages()),
+                          device=device, materialize=False, pad_token_id=tokenizer.pad_id)
+    pipe.load_full_state_dict(full.state_dict())
+    return pipe
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only and its state created up front (module docstring, step 4)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optimizer.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optim = cfg.optimizer
+    # foreach batches the kernel launches on CUDA; on the CPU it buys nothing and the loop is simplest
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                  foreach=device.type == "cuda")
+    for param in params:
+        optimizer.state[param] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+    return optimizer
+
+
+def clip_gradients(parts: list[torch.nn.Module], max_norm: float | None, pp_group=None,
+                   skip: tuple[torch.Tensor, ...] = ()) -> float:
+    """The global L2 norm of all gradients of the model ``parts`` (clipped to ``max_norm`` when given), over every
+    way they are split: DTensor gradients (FSDP / TP) per mesh, expert shards summed over their expert-parallel
+    group, pipeline stages summed over ``pp_group``. ``skip``: parameters counted on another rank (a tied copy)."""
+    from mgpt_train.parallel import ExpertParallelMoE
+
+    expert_groups = {id(p): module.group for part in parts for module in part.modules()
+                     if isinstance(module, ExpertParallelMoE) for p in module.parameters()}
+    skipped = {id(p) for p in skip}
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for param in (p for part in parts for p in part.parameters()):
+        if param.grad is not None and id(param) not in skipped:
+            mesh = getattr(param.grad, "device_mesh", None)
+            buckets.setdefault((mesh, expert_groups.get(id(param))), []).append(param.grad)
+    square = torch.zeros((), dtype=torch.float64)
+    for (_, expert_group), grads in buckets.items():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        part = norm.double() ** 2
+        if expert_group is not None:
+            dist.all_reduce(part, group=expert_group)
+        square += part.cpu()
+    if pp_group is not None:
+        dist.all_reduce(square, group=pp_group)
+    total = square.sqrt().item()
+    if max_norm is not None and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for param in (p for part in parts for p in part.parameters()):
+            if param.grad is not None:  # skipped copies too: they hold the same gradient
+                param.grad.mul_(scale)
+    return total
+
+
+def eval_table(evals: list[dict]) -> str:
+    """Accuracy (%) per tag (rows) after each evaluation (columns: initial, then each stage)."""
+    tags = sorted({tag for e in evals for tag in e["accuracy"]}, key=lambda tag: (tag != "all", tag))
+    rows = [["tag"] + [e["name"] for e in evals]]
+    for tag in tags:
+        rows.append([tag] + [f"{100 * e['accuracy'][tag]:.1f}" if tag in e["accuracy"] else "-" for e in evals])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    rule = "-" * len(lines[0])
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
+def split_packed(batch: dict, parts: int, vision_start_id: int) -> list[dict]:
+    """``parts`` packed batches of consecutive whole samples of ``batch``, about equal in tokens (a sample goes to
+    the part where its middle token falls; parts may be empty): the pipeline's micro-batches of one step."""
+    bounds = batch["cu_seqlens"].tolist()
+    total = max(bounds[-1], 1)
+    owner = [min(parts - 1, parts * (a + b) // (2 * total)) for a, b in zip(bounds, bounds[1:])]
+    images = [int((batch["input_ids"][a:b] == vision_start_id).sum()) for a, b in zip(bounds, bounds[1:])]
+    first_image = [sum(images[:i]) for i in range(len(images) + 1)]
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    first_patch = [sum(patches[:i]) for i in range(len(patches) + 1)]
+    pieces = []
+    for part in range(parts):
+        samples = [i for i, o in enumerate(owner) if o == part]
+        lo, hi = (samples[0], samples[-1] + 1) if samples else (0, 0)
+        start, end = bounds[lo], bounds[hi]
+        image_lo, image_hi = first_image[lo], first_image[hi]
+        pieces.append({"input_ids": batch["input_ids"][start:end], "labels": batch["labels"][start:end],
+                       "cu_seqlens": batch["cu_seqlens"][lo:hi + 1] - start,
+                       "pixel_values": batch["pixel_values"][first_patch[image_lo]:first_patch[image_hi]],
+                       "image_grid_thw": batch["image_grid_thw"][image_lo:image_hi],
+                       "sample_tags": batch["sample_tags"][lo:hi]})
+    return pieces
+
+
+class _RangeHooks:
+    """An NVTX range from a module's forward pre-hook to its forward hook (vision tower, decoder)."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        self.name, self.open = name, []
+        module.register_forward_pre_hook(self.enter)
+        module.register_forward_hook(self.exit)
+
+    def enter(self, _module, _args) -> None:
+        opened = nvtx_range(self.name)
+        opened.__enter__()
+        self.open.append(opened)
+
+    def exit(self, _module, _args, _output) -> None:
+        self.open.pop().__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Everything of one run; ``fit()`` trains to the end of the curriculum (resuming first when configured)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = run_device()
+        self.rank, self.world = init_distributed(self.device)
+        try:
+            self.dims = cfg.parallel.dims(self.world)
+        except ValueError as exc:
+            raise ConfigError(f"config section 'parallel' on {self.world} rank(s): {exc}") from None
+        check_layout(cfg, self.dims)
+        self.mesh = self.dims.build_mesh(self.device.type) if self.world > 1 else None
+        dp_rank, dp_size = (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if self.mesh else (0, 1)
+        self.loss_group = self.mesh["dp_cp"].get_group() if self.mesh else None
+        self.split = self.dims.cp * self.dims.tp  # devices splitting one micro-batch's tokens
+        self.share = self.split * self.dims.pp  # devices sharing one micro-batch's work
+
+        self.tokenizer = ByteTokenizer()
+        self.pipeline = self.model = None
+        if self.dims.pp > 1:
+            self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.mesh["pp"])
+            self.parts, self.model_config = list(self.pipeline.stage_modules), self.pipeline.config
+            self.pp_group = self.mesh["pp"].get_group()
+            self.last_stage_rank = dist.get_global_rank(self.pp_group, self.dims.pp - 1)
+            # the last stage's copy of a tied embedding: its gradient norm is counted on the first stage
+            tied_copy = (self.model_config.tie_word_embeddings and self.pipeline.has_last_stage
+                         and not self.pipeline.has_first_stage)
+            self.norm_skip = (self.parts[-1].lm_head.weight,) if tied_copy else ()
+        else:
+            self.model = build_model(cfg, self.tokenizer, self.device, self.dims, self.mesh)
+            self.parts, self.model_config, self.pp_group, self.norm_skip = [self.model], self.model.config, None, ()
+        self.encoder = make_encoder(cfg, self.model_config, self.tokenizer)
+        train, self.heldout = load_data(cfg)
+        self.curriculum = Curriculum(cfg.curriculum_stages(), train, self.encoder, seed=cfg.data.seed,
+                                     dp_rank=dp_rank, dp_size=dp_size)
+        self.optimizers = [build_optimizer(part, cfg, self.device) for part in self.parts]
+
+        profiling.enable_nvtx(cfg.profiling.nvtx)
+        if cfg.profiling.nvtx:
+            for part in self.parts:
+                if hasattr(part, "visual"):
+                    _RangeHooks(part.visual, RANGE_VISION)
+            if self.model is not None:  # pipeline stages call their decoder layers one by one
+                _RangeHooks(self.model.language_model, RANGE_LANGUAGE)
+        peak = cfg.profiling.peak_flops or profiling.device_peak_flops(self.device)
+        self.meter = profiling.StepMeter(peak_flops=peak, device=self.device)
+        self.step, self.stage_name = 0, None
+        self.history: list[dict] = []  # one dict per step (metrics.json "steps")
+        self.evals: list[dict] = []  # {"name", "step", "accuracy": {tag: fraction}}
+        self.resume()
+
+    # ----------------------------------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def prepare(self, batch: dict) -> dict:
+        """The batch on the run's device, padded for context / sequence parallelism when they split it (the
+        pipeline pads and moves its micro-batches itself)."""
+        if self.pipeline is not None:
+            return batch
+        if self.split > 1:
+            from mgpt_train.parallelize import pad_packed_batch
+
+            batch = pad_packed_batch(batch, 2 * self.split, pad_id=self.tokenizer.pad_id)
+        return self.to_device(batch)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def enter_stage(self, stage) -> None:
+        counts = {}
+        for part in self.parts:
+            for name, count in apply_trainable(part, stage).items():
+                counts[name] = counts.get(name, 0) + count
+        self.stage_name = stage.name
+        frozen = [part for part, on in stage.trainable.items() if not on]
+        self.log(f"stage {stage.name!r}: trainable elements {counts}, frozen parts {frozen or 'none'}")
+
+    def train_step(self, stage, batch: dict, lr: float) -> dict:
+        """One optimizer step on this rank's prepared micro-batch; the loss is the global token mean."""
+        if stage.name != self.stage_name:
+            self.enter_stage(stage)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        if self.pipeline is not None:
+            return self._pipeline_step(batch)
+        out = self.model(batch)
+        if self.loss_group is not None:
+            from mgpt_train.parallelize import global_token_mean_loss
+
+            loss, logged = global_token_mean_loss(out, self.loss_group)
+        else:
+            loss, logged = out["loss"], out["loss"].detach()
+        with nvtx_range(RANGE_BACKWARD):
+            loss.backward()
+        return {"loss": logged.item(), "grad_norm": self._optimizer_step(), "label_tokens": int(out["n_tokens"])}
+
+    def _pipeline_step(self, batch: dict) -> dict:
+        """The step's micro-batch split into the pipeline's micro-batches; forward and backward by the schedule.
+        The loss (on the last stage's rank) is the token mean over the whole micro-batch, as in one process."""
+        pieces = split_packed(batch, self.pipeline.n_microbatches, self.tokenizer.vision_start_id)
+        loss = self.pipeline.step(pieces)
+        logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
+        dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
+        label_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        return {"loss": logged.item(), "grad_norm": self._optimizer_step(), "label_tokens": label_tokens}
+
+    def _optimizer_step(self) -> float:
+        with nvtx_range(RANGE_OPTIMIZER):
+            grad_norm = clip_gradients(self.parts, self.cfg.optimizer.grad_clip, self.pp_group, self.norm_skip)
+            for optimizer in self.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, name: str) -> None:
+        """Held-out exact match per tag, appended to ``self.evals`` and printed (collective: every rank runs it)."""
+        if self.pipeline is not None:
+            self.log(f"evaluation '{name}' skipped: pipeline stages give no full logits")
+            return
+        longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
+        budget = max(self.cfg.data.max_tokens, longest)
+        if self.split > 1:  # tp / cp split the forward's tokens: evaluate an unsharded copy instead
+            copy = self._unsharded_copy()
+            accuracy = evaluate_by_tag(lambda b: copy.logits(self.to_device(b)).argmax(-1), self.heldout,
+                                       self.encoder, budget)
+        else:
+            # Through model.__call__ so FSDP's root hooks gather the root's parameters; forward = logits meanwhile.
+            training_forward = self.model.__dict__.get("forward")  # parallelize's loss forward, if installed
+            self.model.forward = self.model.logits
+            try:
+                accuracy = evaluate_by_tag(lambda b: self.model(self.prepare(b)).argmax(-1), self.heldout,
+                                           self.encoder, budget)
+            finally:
+                if training_forward is None:
+                    del self.model.forward
+                else:
+                    self.model.forward = training_forward
+            if hasattr(self.model, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward
+                self.model.reshard()
+        self.evals.append({"name": name, "step": self.step, "accuracy": accuracy})
+        shown = ", ".join(f"{tag} {100 * accuracy[tag]:.1f}%" for tag in ("all", "general", "vertical")
+                          if tag in accuracy)
+        self.log(f"held-out exact match after {name} (step {self.step}): {shown}")
+
+    def _unsharded_copy(self) -> Qwen3VLModel:
+        """A plain model with the current weights on every rank (the full state dict is gathered collectively)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        with torch.device("meta"):
+            copy = Qwen3VLModel(self.model_config)
+        copy.to_empty(device=self.device)
+        copy.load_state_dict(state)
+        copy.tie_weights()
+        return copy
+
+    def save(self) -> None:
+        extra = {"curriculum": self.curriculum.state_dict(), "history": self.history, "evals": self.evals}
+        folder = checkpoint.save(self.step, self.parts, self.optimizers, extra, self.cfg.checkpoint_dir,
+                                 keep=self.cfg.checkpoint.keep)
+        self.log(f"checkpoint {folder}")
+
+    def resume(self) -> None:
+        """Continue from ``checkpoint.resume`` (a fresh start when "latest" finds none). "never" refuses a folder
+        that already holds checkpoints: the run would fail when it reached one of their steps."""
+        which, folder = self.cfg.checkpoint.resume_step, self.cfg.checkpoint_dir
+        if which is None:
+            if checkpoint.available_steps(folder):
+                raise ConfigError(f"config key 'checkpoint.resume' is 'never' but {folder} holds checkpoints (steps "
+                                  f"{checkpoint.available_steps(folder)}); resume them with --checkpoint.resume=latest "
+                                  f"or write elsewhere (--output_dir / --checkpoint.dir)")
+            return
+        loaded = checkpoint.load(self.parts, self.optimizers, folder, which)
+        if loaded is None:
+            return
+        self.step, extra = loaded
+        # strict=False also accepts a checkpoint of another data-parallel size (same stage and step, new shards)
+        self.curriculum.load_state_dict(extra["curriculum"], strict=False)
+        self.history, self.evals = list(extra["history"]), list(extra["evals"])
+        self.meter.records = [profiling.StepRecord(h["step"], h["seconds"], h["tokens"], h["loss"], h["flops"],
+                                                   h["peak_memory"]) for h in self.history]
+        self.log(f"resumed from step {self.step} of {self.cfg.checkpoint_dir}")
+
+    # ----------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the end of the curriculum; returns what ``metrics.json`` holds."""
+        cfg, total = self.cfg, self.curriculum.total_steps
+        if self.rank == 0:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            cfg.save(Path(cfg.output_dir) / CONFIG_FILE)
+        self.log(f"mgpt_train: {self.world} rank(s) on {self.device.type}, parallel {self.dims}, "
+                 f"{sum(p.numel() for part in self.parts for p in part.parameters()):,} parameters here, stages "
+                 f"{dict(zip([s.name for s in cfg.curriculum_stages()], self.curriculum.stage_steps))}")
+        if self.step == 0:
+            self.evaluate("initial")
+        progress = profiling.ProgressBar(total, rank=self.rank, every=cfg.profiling.log_every)
+        tracer = profiling.TraceProfiler(cfg.trace_dir, wait=cfg.profiling.trace_wait,
+                                         warmup=cfg.profiling.trace_warmup, active=cfg.profiling.trace_active,
+                                         rank=self.rank, enabled=cfg.profiling.trace)
+        with tracer:
+            while self.step < total:
+                self.run_one_step(progress)
+                tracer.step()
+        progress.close()
+        if not checkpoint.step_dir(cfg.checkpoint_dir, self.step).exists():
+            self.save()
+        return self.finish()
+
+    def run_one_step(self, progress: profiling.ProgressBar | None = None) -> None:
+        self.meter.start()
+        with nvtx_range(RANGE_STEP):
+            with nvtx_range(RANGE_DATA):
+                stage, raw = next(self.curriculum)
+                lr, position = self.curriculum.lr, self.curriculum.position
+                batch = self.prepare(raw)
+            result = self.train_step(stage, batch, lr)
+        self.step += 1
+        lengths = raw["cu_seqlens"].diff().tolist()
+        flops = profiling.qwen3_vl_flops(self.model_config, lengths, raw["image_grid_thw"].tolist(),
+                                         trainable=stage.trainable)["total"]
+        # tp / cp / pp ranks share one micro-batch: each device's share of its tokens and FLOPs
+        record = self.meter.stop(self.step, raw["input_ids"].numel() / self.share, result["loss"],
+                                 flops / self.share)
+        self.history.append({"step": self.step, "stage": stage.name, "lr": lr, **result, "seconds": record.seconds,
+                             "tokens": record.tokens, "tokens_per_s": record.tokens_per_s, "flops": record.flops,
+                             "mfu": record.mfu(self.meter.peak_flops), "peak_memory": record.peak_memory})
+        if progress is not None:
+            progress.update(self.step, loss=result["loss"], lr=lr, tok_s=record.tokens_per_s)
+        if position["step_in_stage"] == self.curriculum.stage_steps[position["stage_index"]] - 1:
+            self.evaluate(stage.name)
+        every = self.cfg.checkpoint.every
+        if every and self.step % every == 0 and self.step < self.curriculum.total_steps:
+            self.save()
+
+    def finish(self) -> dict:
+        out = Path(self.cfg.output_dir)
+        results = {"steps": self.history, "evals": self.evals, "summary": self.meter.summary(),
+                   "stage_steps": dict(zip([s.name for s in self.cfg.curriculum_stages()],
+                                           self.curriculum.stage_steps)),
+                   "world_size": self.world, "parallel": dataclasses.asdict(self.dims)}
+        if self.rank == 0:
+            results["environment"] = profiling.run_environment(self.device, self.meter.peak_flops)
+            (out / METRICS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+            profiling.plot(self.meter, out / PLOT_FILE)
+            if self.evals:
+                self.log(f"held-out exact match (%) per evaluation:\n{eval_table(self.evals)}")
+            self.log(f"profile summary ({self.device.type}, rank 0):\n{profiling.summary_table(self.meter)}")
+            self.log(f"wrote {out / METRICS_FILE}, {out / PLOT_FILE}, {out / CONFIG_FILE}")
+        return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return 0
+    try:
+        trainer = Trainer(config_from_argv(argv))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # a bad command line / config file / data setting fails identically on every rank: one line, rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mgpt_train.train: error: {exc}\n(run with --help for usage)", file=sys.stderr)
+        return 2
+    trainer.fit()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
