@@ -1,7 +1,10 @@
-"""ParallelDims: validation against the world size and the model, and the mesh it builds (4 gloo ranks)."""
+"""ParallelDims: validation against the world size and the model, and the meshes it builds (4 gloo ranks): the
+dims' groups, the flattened sub-meshes and the FSDP / HSDP mesh, read without torch's warning about slicing
+flattened dims from the root mesh."""
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch.distributed as dist
@@ -48,12 +51,36 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = ParallelDims(world_size=world, dp_replicate=1, dp_shard=2, tp=2).build_mesh("cpu")
-    sizes = {name: mesh[name].size() for name in ("dp_shard", "tp", "dp", "dp_shard_cp", "dp_cp")}
-    # tp is the fastest-varying dim: ranks {0,1} form one tp group, {0,2} one dp_shard group.
-    tp_peers = sorted(dist.get_process_group_ranks(mesh["tp"].get_group()))
-    dp_peers = sorted(dist.get_process_group_ranks(mesh["dp_shard"].get_group()))
-    queue.put((rank, sizes, tp_peers, dp_peers))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mesh = ParallelDims(world_size=world, dp_replicate=1, dp_shard=2, tp=2).build_mesh("cpu")
+        sizes = {name: mesh[name].size() for name in ("dp_shard", "tp", "dp", "dp_shard_cp", "dp_cp")}
+        # tp is the fastest-varying dim: ranks {0,1} form one tp group, {0,2} one dp_shard group.
+        tp_peers = sorted(dist.get_process_group_ranks(mesh["tp"].get_group()))
+        dp_peers = sorted(dist.get_process_group_ranks(mesh["dp_shard"].get_group()))
+        fsdp_peers = sorted(dist.get_process_group_ranks(mesh.fsdp.get_group()))
+        hsdp = ParallelDims(world_size=world, dp_replicate=2, dp_shard=2).build_mesh("cpu").fsdp
+        hsdp_peers = [sorted(dist.get_process_group_ranks(hsdp.get_group(d))) for d in ("dp_replicate", "dp_shard_cp")]
+    # torch without DeviceMesh._unflatten (older than the GPU machine's may be): the HSDP mesh is sliced from the root
+    from torch.distributed.device_mesh import DeviceMesh
+    unflatten = DeviceMesh.__dict__.get("_unflatten")
+    if unflatten is not None:
+        delattr(DeviceMesh, "_unflatten")
+    try:
+        old_hsdp = ParallelDims(world_size=world, dp_replicate=2, dp_shard=2).build_mesh("cpu").fsdp
+    finally:
+        if unflatten is not None:
+            DeviceMesh._unflatten = unflatten
+    old_hsdp_peers = [sorted(dist.get_process_group_ranks(old_hsdp.get_group(d)))
+                      for d in ("dp_replicate", "dp_shard_cp")]
+    try:
+        mesh["dp_shard_tp"]
+        unknown = "no error"
+    except KeyError as exc:
+        unknown = str(exc)
+    flattened_warnings = [str(w.message) for w in caught if "flattened" in str(w.message)]
+    queue.put((rank, sizes, tp_peers, dp_peers, fsdp_peers, hsdp.mesh_dim_names, hsdp_peers, flattened_warnings,
+               unknown, old_hsdp_peers))
     dist.barrier()
     os._exit(0)
 
@@ -69,7 +96,14 @@ def test_mesh_on_four_gloo_ranks():
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    for rank, sizes, tp_peers, dp_peers in results:
+    for (rank, sizes, tp_peers, dp_peers, fsdp_peers, hsdp_names, hsdp_peers, flattened_warnings, unknown,
+         old_hsdp) in results:
         assert sizes == {"dp_shard": 2, "tp": 2, "dp": 2, "dp_shard_cp": 2, "dp_cp": 2}
         assert tp_peers == [rank - rank % 2, rank - rank % 2 + 1]
-        assert dp_peers == [rank % 2, rank % 2 + 2]
+        assert dp_peers == fsdp_peers == [rank % 2, rank % 2 + 2]
+        # HSDP over (dp_replicate, dp_shard): replicas {r, r+2}, shards {0,1} / {2,3}
+        assert hsdp_names == ("dp_replicate", "dp_shard_cp")
+        assert hsdp_peers == [[rank % 2, rank % 2 + 2], [rank - rank % 2, rank - rank % 2 + 1]]
+        assert old_hsdp == hsdp_peers
+        assert flattened_warnings == []
+        assert "unknown mesh dim 'dp_shard_tp'" in unknown and "ParallelMesh.fsdp" in unknown

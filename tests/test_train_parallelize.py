@@ -10,12 +10,19 @@ relative L2 error < 1e-5 for losses and first-step gradients, < 2e-5 for later g
 differ only in summation order and in where the collectives sum, and later steps start from parameters that
 already differ by that rounding). The state dict's names and global shapes must be the unparallelized model's.
 
+With 2 data ranks, rank 1's batch holds no image: under FSDP it must still run the vision tower's collectives.
 Layouts: 2 ranks -- dp_shard=2 (+ activation checkpointing), tp=2, cp=2, ep=2 (MoE, dp_shard=2, + activation
 checkpointing: the all-to-alls run again in the recomputation), bf16 mixed precision as a smoke test (loss within
 5e-2), and the meta-device flow (parallelize, to_empty, init_weights, one step); 4 ranks -- dp_replicate=2 x
 dp_shard=2 (HSDP), cp=2 x tp=2 (untied head, uneven vocabulary shards), dp_shard=2 x cp=2 x ep=2 (MoE: router
 statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x tp=2 x ep=2 (MoE blocks whole over
-tp). Bad configurations raise clear errors. One spawn per world size runs all its layouts.
+tp), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
+rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation checkpointing; tied head, its
+copy on the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x
+tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
+exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary), and pp=2 x dp_shard=2 x
+ep=2 (MoE layers on the last stage: the aux-loss gradient, experts split over the data ranks; the logged loss is
+the cross-entropy, as a pipeline returns it). Bad configurations raise clear errors. One spawn per world size runs all its layouts.
 """
 
 import dataclasses
@@ -36,12 +43,15 @@ from torch.distributed.tensor import DTensor
 from conftest import rel_err
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
 from mgpt_train.parallel_dims import ParallelDims
-from mgpt_train.parallelize import global_token_mean_loss, pad_packed_batch, parallelize_qwen3_vl
+from mgpt_train.parallelize import global_token_mean_loss, pad_packed_batch, parallelize_pipeline, parallelize_qwen3_vl
+from mgpt_train.pipeline import build_pipeline
 
 TOL = 1e-5  # losses, and the first step's gradients (~2e-6 achieved)
 LATER_STEP_TOL = 2e-5  # gradients after 1-2 updates, whose rounding differences compound (~8e-6 achieved)
 BF16_TOL = 5e-2
 STEPS = 3
+PIPELINE_STEPS = 2
+PIPELINE_MICROBATCHES = 2  # per data-parallel rank
 PAD_MULTIPLE = 8  # 2 * cp * tp for every layout below
 
 
@@ -60,6 +70,13 @@ def moe_config() -> Qwen3VLConfig:
     return dataclasses.replace(config, text=dataclasses.replace(config.text, router_aux_loss_coef=0.1))
 
 
+def last_stage_moe_config() -> Qwen3VLConfig:
+    """``moe_config`` with a dense layer 0: under pp=2 both MoE layers sit on the last stage, where the pipeline's
+    aux loss is the model's."""
+    config = moe_config()
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, mlp_only_layers=(0,)))
+
+
 # (name, ParallelDims keywords, model config, options)
 LAYOUTS = {
     2: [("dp_shard2_ac", dict(dp_shard=2), dense_config, dict(activation_checkpointing=True)),
@@ -70,7 +87,11 @@ LAYOUTS = {
     4: [("dp_replicate2_dp_shard2", dict(dp_replicate=2, dp_shard=2), dense_config, {}),
         ("cp2_tp2_untied_head", dict(dp_shard=1, cp=2, tp=2), untied_config, {}),
         ("dp_shard2_cp2_ep2_moe", dict(dp_shard=2, cp=2, ep=2), moe_config, {}),
-        ("dp_shard2_tp2_ep2_moe", dict(dp_shard=2, tp=2, ep=2), moe_config, {})],
+        ("dp_shard2_tp2_ep2_moe", dict(dp_shard=2, tp=2, ep=2), moe_config, {}),
+        ("pp2_dp_shard2_ac", dict(pp=2, dp_shard=2), dense_config, dict(activation_checkpointing=True)),
+        ("pp2_tp2_untied_head", dict(pp=2, dp_shard=1, tp=2), untied_config, {}),
+        ("pp2_tp2_tied_head", dict(pp=2, dp_shard=1, tp=2), dense_config, {}),
+        ("pp2_dp_shard2_ep2_moe", dict(pp=2, dp_shard=2, ep=2), last_stage_moe_config, {})],
 }
 
 
@@ -107,21 +128,24 @@ def shifted_labels(ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return labels
 
 
-def make_batch(config: Qwen3VLConfig, seed: int) -> dict:
+def make_batch(config: Qwen3VLConfig, seed: int, images: bool = True) -> dict:
     """``unpadded_batch`` padded to PAD_MULTIPLE tokens."""
-    return pad_packed_batch(unpadded_batch(config, seed), PAD_MULTIPLE)
+    return pad_packed_batch(unpadded_batch(config, seed, images), PAD_MULTIPLE)
 
 
-def unpadded_batch(config: Qwen3VLConfig, seed: int) -> dict:
-    """Three packed samples: two images, then text only, then one image (42 to 44 tokens)."""
+def unpadded_batch(config: Qwen3VLConfig, seed: int, images: bool = True) -> dict:
+    """Three packed samples: two images, then text only, then one image (42 to 44 tokens); without ``images``
+    three text-only samples (39 to 41 tokens)."""
     gen = torch.Generator().manual_seed(seed)
     specs = [((5 + seed % 3, 4, 3), [(1, 4, 4), (1, 2, 4)]), ((7,), []), ((3, 6), [(1, 4, 2)])]
+    if not images:
+        specs = [((15 + seed % 3,), []), ((7,), []), ((17,), [])]
     samples = [make_sample(config, gen, lens, grids) for lens, grids in specs]
     grids = [g for _, gs in specs for g in gs]
     batch = dict(input_ids=torch.cat(samples), labels=torch.cat([shifted_labels(s, gen) for s in samples]),
                  cu_seqlens=torch.tensor([0] + [len(s) for s in samples]).cumsum(0).to(torch.int32),
                  pixel_values=torch.randn(sum(t * h * w for t, h, w in grids), config.vision.patch_dim, generator=gen),
-                 image_grid_thw=torch.tensor(grids, dtype=torch.int64))
+                 image_grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3))
     return batch
 
 
@@ -131,20 +155,23 @@ def optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
 
 
-def reference_run(config: Qwen3VLConfig, batches: list[dict]) -> list[tuple[float, dict[str, torch.Tensor]]]:
-    """Per step: (loss, gradients) of the unparallelized model over all micro-batches of the step."""
+def reference_run(config: Qwen3VLConfig, batches: list[dict], steps_count: int = STEPS, log_aux: bool = True
+                  ) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """Per step: (loss, gradients) of the unparallelized model over all micro-batches of the step. ``log_aux``
+    False: the loss recorded is the cross-entropy part only (what a pipeline returns)."""
     model = build_model(config)
     opt = optimizer(model)
     coef = config.text.router_aux_loss_coef if config.is_moe else 0.0
     steps = []
-    for _ in range(STEPS):
+    for _ in range(steps_count):
         opt.zero_grad()
         outs = [model(batch) for batch in batches]
         total_tokens = sum(out["n_tokens"] for out in outs)
         token_sum = sum((out["loss"] - coef * out["aux_loss"]) * out["n_tokens"] for out in outs)
         loss = token_sum / total_tokens + coef * sum(out["aux_loss"] for out in outs) / len(outs)
         loss.backward()
-        steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        logged = loss if log_aux else token_sum / total_tokens
+        steps.append((logged.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         opt.step()
     return steps
 
@@ -190,6 +217,38 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
         loss, logged = global_token_mean_loss(model(batch), mesh["dp_cp"].get_group())
         loss.backward()
         steps.append((logged.item(), full_gradients(model)))
+        opt.step()
+    return steps
+
+
+def pipeline_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict], options: dict):
+    """``parallel_run`` for pp > 1: stages on the meta device, ``parallelize_pipeline``, the reference's weights
+    loaded; each data rank steps its PIPELINE_MICROBATCHES micro-batches. Shapes and gradients of all stages are
+    merged on every rank (gathered under the full model's names; the tied head's copy as ``lm_head.weight``)."""
+    mesh = dims.build_mesh("cpu")
+    pipe = build_pipeline(config, mesh["pp"], schedule="1F1B", n_microbatches=PIPELINE_MICROBATCHES,
+                          seq_len=max(b["input_ids"].shape[0] for b in batches), device="cpu", materialize=False)
+    parallelize_pipeline(pipe, dims, mesh, mixed_precision="fp32", **options)
+    pipe.load_full_state_dict(build_model(config).state_dict())
+    opt = optimizer(pipe)
+    dp_rank, loss_group = mesh["dp"].get_local_rank(), mesh["dp_cp"].get_group()
+    microbatches = batches[dp_rank * PIPELINE_MICROBATCHES:(dp_rank + 1) * PIPELINE_MICROBATCHES]
+    global_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    last_stage_rank = dist.get_global_rank(mesh["pp"].get_group(), dims.pp - 1)
+
+    def merged(local: dict) -> dict:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        return {name: value for part in parts for name, value in part.items()}
+
+    steps = [merged({n: s for m in pipe.stage_modules for n, s in state_dict_shapes(m).items()})]
+    for _ in range(PIPELINE_STEPS):
+        opt.zero_grad()
+        loss = pipe.step(microbatches, global_tokens=global_tokens)
+        logged = loss if loss is not None else torch.zeros(())
+        dist.all_reduce(logged, group=loss_group)
+        dist.broadcast(logged, src=last_stage_rank, group=mesh["pp"].get_group())
+        steps.append((logged.item(), merged({n: g for m in pipe.stage_modules for n, g in full_gradients(m).items()})))
         opt.step()
     return steps
 
@@ -240,6 +299,20 @@ def bad_configs(world: int) -> dict[str, str]:
     }
 
 
+def pipeline_bad_configs(world: int) -> dict[str, str]:
+    """parallelize_pipeline's errors (4 ranks: pp=2 with another degree of 2); raised before any collective."""
+    dense = dense_config()
+
+    def attempt(seq_len: int = 48, mixed_precision: str = "fp32", **degrees):
+        dims = ParallelDims(world, pp=2, **degrees)
+        mesh = dims.build_mesh("cpu")
+        pipe = build_pipeline(dense, mesh["pp"], n_microbatches=2, seq_len=seq_len, device="cpu", materialize=False)
+        return lambda: parallelize_pipeline(pipe, dims, mesh, mixed_precision=mixed_precision)
+
+    return {"cp": _error(attempt(dp_shard=1, cp=2)), "seq_len": _error(attempt(seq_len=47, dp_shard=1, tp=2)),
+            "bf16": _error(attempt(dp_shard=2, mixed_precision="bf16"))}
+
+
 def meta_device_step(world: int) -> dict:
     """The big-model flow: build on the meta device, parallelize, materialise (to_empty + init_weights), train."""
     config = moe_config()
@@ -267,18 +340,32 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for name, dims_kwargs, make_config, options in LAYOUTS[world]:
             config = make_config()
             dims = ParallelDims(world_size=world, **dims_kwargs)
-            batches = [make_batch(config, seed=10 + i) for i in range(dims.dp_replicate * dims.dp_shard)]
-            steps = parallel_run(config, dims, batches, options)
+            data_ranks = dims.dp_replicate * dims.dp_shard
+            if dims.pp > 1:  # micro-batch 1 (data rank 0) is text only: the other data rank's has images. All are
+                # padded to 48 tokens, so the pipeline adds no padding of its own (that would change the MoE aux loss).
+                batches = [make_batch(config, seed=10 + i, images=i != 1)
+                           for i in range(data_ranks * PIPELINE_MICROBATCHES)]
+                steps = pipeline_run(config, dims, batches, options)
+            else:  # with 2 data ranks, rank 1's batch is text only (FSDP runs the vision tower idle there)
+                batches = [make_batch(config, seed=10 + i, images=i != 1 or data_ranks != 2)
+                           for i in range(data_ranks)]
+                steps = parallel_run(config, dims, batches, options)
             if rank == 0:
-                key = (make_config.__name__, len(batches))
+                key = (make_config.__name__, len(batches), len(steps) - 1, dims.pp)
                 if key not in references:
-                    references[key] = reference_run(config, batches)
+                    references[key] = reference_run(config, batches, len(steps) - 1, log_aux=dims.pp == 1)
+                ref_steps = references[key]
+                if dims.pp > 1 and config.tie_word_embeddings:  # the last stage's copy: the embedding's gradient
+                    ref_steps = [(loss, {**grads, "lm_head.weight": grads["language_model.embed_tokens.weight"]})
+                                 for loss, grads in ref_steps]
                 ref_shapes = {n: list(t.shape) for n, t in build_model(config).state_dict().items()}
-                result[name] = compare(steps, references[key], ref_shapes)
+                result[name] = compare(steps, ref_steps, ref_shapes)
             dist.barrier()
         if world == 2:
             result["meta"] = meta_device_step(world)
             result["errors"] = bad_configs(world)
+        else:
+            result["errors"] = pipeline_bad_configs(world)
     except Exception:  # reported to the parent, which fails the test with it
         result = {"error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -327,10 +414,15 @@ def test_two_ranks_fsdp_tp_cp_ep_match_single_process(tmp_path):
     assert "'mixed_precision' must be one of ['bf16', 'fp32'], got 'fp16'" in errors["precision"], errors
     assert "packed sequence length 43 must be divisible by 2*cp = 4" in errors["odd_length"], errors
     assert "'mesh' has shape (1, 1, 1, 1, 2) but parallel_dims say (1, 1, 2, 1, 1)" in errors["mesh"], errors
-    assert "pp=2 is not composed here yet" in errors["pp"], errors
+    assert "pp=2 needs the pipeline stages: build them with build_pipeline(..., materialize=False), then call " \
+           "parallelize_pipeline" in errors["pp"], errors
 
 
 @pytest.mark.distributed
-def test_four_ranks_hsdp_cp_tp_and_dp_cp_ep_match_single_process(tmp_path):
+def test_four_ranks_hsdp_cp_tp_dp_cp_ep_and_pipeline_compositions_match_single_process(tmp_path):
     results = _spawn(4, tmp_path)
     _check_layouts(results[0], 4)
+    errors = results[0]["errors"]
+    assert "composes pp > 1 with dp_replicate, dp_shard, tp and ep; got pp=2, cp=2" in errors["cp"], errors
+    assert "seq_len 47 must be divisible by tp=2" in errors["seq_len"], errors
+    assert "build the pipeline with activation_dtype=torch.bfloat16, got torch.float32" in errors["bf16"], errors

@@ -25,7 +25,8 @@ from mgpt_ops.quant.modules import QuantConfig, QuantizedExperts, QuantizedLinea
 from mgpt_ops.quant.checkpoint import load_quantized, save_quantized
 from mgpt_ops.quant.accuracy import accuracy_report
 
-__all__ = ["QuantConfig", "QuantizedExperts", "QuantizedLinear", "accuracy_report", "load_quantized", "quantize_",
-           "save_quantized", "block_scaled_mm", "grouped_block_scaled_mm", "quantize_fp8_group", "quantize_fp8_per_tensor",
-           "quantize_fp8_per_token", "quantize_int8_per_tensor", "quantize_int4_weight", "quantize_int8_per_token",
-           "quantize_weight_block128", "quantize_weight_per_channel", "scaled_mm", "w4a16_mm"]
+__all__ = ["QuantConfig", "QuantizedExperts", "QuantizedLinear", "accuracy_report", "block_scaled_mm",
+           "grouped_block_scaled_mm", "load_quantized", "quantize_", "quantize_fp8_group",
+           "quantize_fp8_per_tensor", "quantize_fp8_per_token", "quantize_int4_weight", "quantize_int8_per_tensor",
+           "quantize_int8_per_token", "quantize_weight_block128", "quantize_weight_per_channel", "save_quantized",
+           "scaled_mm", "w4a16_mm"]

@@ -3,10 +3,14 @@ DeviceMesh they live on (torchtitan's layout, read left to right from slowest- t
 
     pp x dp_replicate x dp_shard x cp x tp          (every degree 1 by default; dp_shard=-1 takes the rest)
 
-Derived, flattened sub-meshes (created on the same mesh, no extra process groups beyond torch's own):
+Derived, flattened sub-meshes (``DeviceMesh._flatten`` of the root's dims):
     "dp"           dp_replicate x dp_shard         data loading: ranks in one group read different batches
     "dp_shard_cp"  dp_shard x cp                   FSDP2 shards parameters over data AND context ranks
     "dp_cp"        dp_replicate x dp_shard x cp    loss / gradient-norm reductions
+and the FSDP mesh (``ParallelMesh.fsdp``): "dp_shard_cp", or for HSDP the 2-D ("dp_replicate", "dp_shard_cp")
+(unflattened from "dp_cp"). torch >= 2.11 deprecates slicing a flattened dim out of the root mesh, so
+``build_mesh`` keeps the meshes ``_flatten`` returns in a ``ParallelMesh``: ``mesh["dp"]`` reads them, while
+``mesh["tp"]`` etc. slice the root as before. All meshes are built up front (collective; every rank calls it).
 Expert parallelism is folded into dp_shard x cp (as Megatron and torchtitan do): ``ep`` must divide
 dp_shard * cp, and the experts of an MoE layer are split over ``ep`` consecutive ranks of "dp_shard_cp".
 """
@@ -14,6 +18,8 @@ dp_shard * cp, and the experts of an MoE layer are split over ``ep`` consecutive
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -69,12 +75,49 @@ class ParallelDims:
             raise ValueError(f"ParallelDims: sequence length {seq_len} is not divisible by 2*cp = {2 * self.cp} "
                              f"(context parallelism uses 2*cp load-balanced chunks); pad the packed sequence")
 
-    def build_mesh(self, device_type: str):
-        """The run's DeviceMesh with dims MESH_DIMS and the flattened "dp", "dp_shard_cp", "dp_cp" sub-meshes."""
-        from torch.distributed.device_mesh import init_device_mesh
+    def build_mesh(self, device_type: str) -> ParallelMesh:
+        """The run's meshes: the root DeviceMesh with dims MESH_DIMS, the flattened "dp", "dp_shard_cp", "dp_cp"
+        sub-meshes and the FSDP mesh (module docstring)."""
+        root = init_device_mesh(device_type, self.sizes, mesh_dim_names=MESH_DIMS)
+        flattened = {name: root[dims]._flatten(name) for name, dims in FLATTENED_DIMS.items()}
+        if self.dp_replicate > 1 and hasattr(DeviceMesh, "_unflatten"):
+            fsdp = flattened["dp_cp"]._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp),
+                                                 ("dp_replicate", "dp_shard_cp"))
+        elif self.dp_replicate > 1:  # older torch (no _unflatten): slicing a flattened dim from the root is allowed
+            fsdp = root["dp_replicate", "dp_shard_cp"]
+        else:
+            fsdp = flattened["dp_shard_cp"]
+        return ParallelMesh(root, flattened, fsdp)
 
-        mesh = init_device_mesh(device_type, self.sizes, mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+
+FLATTENED_DIMS = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+                  "dp_cp": ("dp_replicate", "dp_shard", "cp")}
+
+
+class ParallelMesh:
+    """The meshes of ``ParallelDims.build_mesh``: ``mesh[name]`` is the 1-D mesh of one dim of MESH_DIMS (sliced
+    from ``root``) or of a flattened dim of FLATTENED_DIMS (kept from ``_flatten``); ``fsdp`` is the mesh FSDP2
+    shards over; ``mesh_dim_names``, ``mesh`` (the rank tensor) and ``device_type`` are the root's."""
+
+    def __init__(self, root: DeviceMesh, flattened: dict[str, DeviceMesh], fsdp: DeviceMesh):
+        self.root, self.flattened, self.fsdp = root, flattened, fsdp
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        if name in self.flattened:
+            return self.flattened[name]
+        if name not in MESH_DIMS:
+            raise KeyError(f"ParallelMesh: unknown mesh dim {name!r}; expected one of {MESH_DIMS} or "
+                           f"{tuple(self.flattened)} (the HSDP mesh is ParallelMesh.fsdp)")
+        return self.root[name]
+
+    @property
+    def mesh_dim_names(self) -> tuple[str, ...]:
+        return self.root.mesh_dim_names
+
+    @property
+    def mesh(self):
+        return self.root.mesh
+
+    @property
+    def device_type(self) -> str:
+        return self.root.device_type

@@ -1,5 +1,7 @@
 """Apply tensor, context, expert and (hybrid-)sharded data parallelism to a ``Qwen3VLModel``, on torch.distributed
-only (DTensor plans, plain collectives, FSDP2), in torchtitan's order -- see ``parallelize_qwen3_vl``.
+only (DTensor plans, plain collectives, FSDP2), in torchtitan's order -- see ``parallelize_qwen3_vl``, whose
+docstring is THE place that documents the order; ``parallelize_pipeline`` composes pipeline stages (step 0)
+with TP, activation checkpointing and FSDP2 / HSDP.
 
 Where the tokens live (T = packed tokens of one micro-batch, the batch layout of the train interfaces):
     * every rank runs the embedding and the vision tower on the WHOLE packed sequence and computes the MRoPE
@@ -33,6 +35,7 @@ backward), so their FSDP reduction divides by N as well (not by its own N/ep ran
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -50,7 +53,10 @@ from mgpt_train.model.moe import GroupedExperts, RouterStats, SparseMoeBlock
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel
 from mgpt_train.parallel import expert_parallel_moe, make_cp_attention_fn, shard_experts, shard_sequence
 from mgpt_train.parallel.expert_parallel import expert_parallel_blocks
-from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims
+from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims, ParallelMesh
+
+if TYPE_CHECKING:
+    from mgpt_train.pipeline import Pipeline, PipelineStageModule
 
 # No input casting: the model casts where it needs to (patch embedding, embeddings' dtype downstream), and the
 # vision attention kernel takes its rotary tables in fp32.
@@ -59,13 +65,14 @@ _MIXED_PRECISION = {"bf16": MixedPrecisionPolicy(param_dtype=torch.bfloat16, red
                     "fp32": MixedPrecisionPolicy(cast_forward_inputs=False)}
 
 
-def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: DeviceMesh, *,
+def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh: ParallelMesh, *,
                          mixed_precision: str = "bf16", activation_checkpointing: bool = False) -> Qwen3VLModel:
     """Parallelize ``model`` in place for ``parallel_dims`` on ``mesh`` (``parallel_dims.build_mesh(...)``) and
     return it. Every rank calls it with the same (identically initialised) model. Order (torchtitan's):
 
-        0. [pipeline parallelism] -- PP splits the model into stages FIRST (mgpt_train/pipeline.py); this
-           function then parallelizes each stage's module. Not applied here: pp must be 1.
+        0. PP: with pp > 1 the model is split into pipeline stages FIRST (``build_pipeline(..., materialize=False)``)
+           and ``parallelize_pipeline`` applies steps 1, 3, 4 and 5 to every stage module (CP is not composed with
+           PP: a ValueError names the combination). This function takes the whole model: pp must be 1.
         1. TP + sequence parallel (mesh "tp"): q/k/v/gate/up colwise, o/down rowwise with sequence-sharded
            outputs, RMSNorms sequence-parallel (q_norm/k_norm shard over heads), embedding rowwise (vocabulary),
            the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. The
@@ -78,24 +85,18 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
            keeps E/ep experts (``shard_experts``; DTensors sharded over the experts dim, so names and global shapes
            do not change) and routes tokens with ``expert_parallel_moe`` (the function of ``ExpertParallelMoE``).
         4. Activation checkpointing of every decoder layer and vision block (``activation_checkpointing``).
-        5. FSDP2 over "dp_shard_cp" (HSDP over ("dp_replicate", "dp_shard_cp") when dp_replicate > 1): one
-           ``fully_shard`` per vision block and decoder layer, then the root; expert parameters first get their own
-           ``fully_shard`` over the ranks holding the same experts (dp_replicate x dp_shard_cp / ep) that divides
-           their gradients by N (module docstring).
-           ``mixed_precision``: "bf16" (bf16 parameters in compute, fp32 gradient reduction) or "fp32".
+        5. FSDP2 over "dp_shard_cp" (HSDP over ("dp_replicate", "dp_shard_cp") when dp_replicate > 1; the mesh
+           ``mesh.fsdp``): one ``fully_shard`` per vision block and decoder layer, then the root (the model, or
+           each pipeline stage module); expert parameters first get their own ``fully_shard`` over the ranks
+           holding the same experts (dp_replicate x dp_shard_cp / ep) that divides their gradients by N (module
+           docstring). ``mixed_precision``: "bf16" (bf16 parameters in compute, fp32 gradient reduction) or "fp32".
+           A batch (pipeline micro-batch) without images then runs the vision tower idle (``idle_vision``), so
+           every data rank issues the same FSDP collectives.
     """
-    if mixed_precision not in _MIXED_PRECISION:
-        raise ValueError(f"parallelize_qwen3_vl: 'mixed_precision' must be one of {sorted(_MIXED_PRECISION)}, got "
-                         f"{mixed_precision!r}")
-    if tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
-        raise ValueError(f"parallelize_qwen3_vl: 'mesh' must be the mesh of ParallelDims.build_mesh with dims "
-                         f"{MESH_DIMS}, got {mesh.mesh_dim_names}")
-    if tuple(mesh.mesh.shape) != parallel_dims.sizes:
-        raise ValueError(f"parallelize_qwen3_vl: 'mesh' has shape {tuple(mesh.mesh.shape)} but parallel_dims say "
-                         f"{parallel_dims.sizes}")
+    _check_arguments("parallelize_qwen3_vl", parallel_dims, mesh, mixed_precision)
     if parallel_dims.pp > 1:
-        raise ValueError(f"parallelize_qwen3_vl: pp={parallel_dims.pp} is not composed here yet: pipeline stages are "
-                         f"split first (mgpt_train/pipeline.py), then each stage is parallelized (docstring, step 0)")
+        raise ValueError(f"parallelize_qwen3_vl: pp={parallel_dims.pp} needs the pipeline stages: build them with "
+                         f"build_pipeline(..., materialize=False), then call parallelize_pipeline (docstring, step 0)")
     text = model.config.text
     parallel_dims.check_model(num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
                               num_experts=text.num_experts if model.config.is_moe else None)
@@ -110,15 +111,100 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
     if tokens.sharded:
         model.language_model.register_forward_pre_hook(tokens.shard_decoder_inputs)
         model.language_model.register_forward_hook(tokens.gather_decoder_outputs)
-    model.forward = _sharded_loss_forward(model, tokens)
+    fsdp = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp > 1
+    model.forward = _sharded_loss_forward(model, tokens, vision_every_batch=fsdp)
     expert_dp_mesh = None
     if parallel_dims.ep > 1:
-        expert_dp_mesh = apply_expert_parallel(model, mesh, parallel_dims.ep)
+        ep_mesh, expert_dp_mesh = expert_meshes(mesh, parallel_dims.ep)
+        apply_expert_parallel(model, ep_mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp > 1:
+    if fsdp:
         apply_fsdp(model, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
     return model
+
+
+def parallelize_pipeline(pipe: Pipeline, parallel_dims: ParallelDims, mesh: ParallelMesh, *,
+                         mixed_precision: str = "bf16", activation_checkpointing: bool = False) -> Pipeline:
+    """Parallelize every stage module of ``pipe`` in place (steps 1, 3, 4 and 5 of ``parallelize_qwen3_vl``, in
+    that order) and return it; then load the weights with ``pipe.load_full_state_dict`` (or ``pipe.init_weights``).
+    ``pipe`` = ``build_pipeline(config, mesh["pp"], ..., materialize=False)`` on every rank, with
+    ``activation_dtype=torch.bfloat16`` under bf16 mixed precision (the dtype that flows between stages).
+
+    Inside a stage under tp, the decoder runs on this rank's sequence piece (``sequence_piece``: the tp split of
+    the stage's input and of each DeepStack tap) and the stage's output is gathered back (``whole_sequence``), so
+    the tensors exchanged between stages stay plain full [1, seq_len, ...] tensors; the last stage computes
+    the log-probabilities with the vocabulary-parallel head (``fused_linear_logprobs(process_group=tp)``).
+    seq_len must be divisible by tp. Under FSDP the first stage runs the vision tower on every micro-batch (a
+    blank image block, times 0, when it has none), so every data rank runs the same collectives.
+    Loss: FSDP averages gradients over the N = dp_replicate x dp_shard ranks, so ``Pipeline.step`` multiplies its
+    backward loss by N (``pipe.data_parallel_ranks``); pass the label tokens of all N ranks as ``global_tokens``
+    and sum the returned losses over them (``Trainer._pipeline_step``). Gradient clipping: ``clip_gradients`` of
+    mgpt_train.train sums the squared norms of the DTensor gradients per mesh, then over the pp ranks.
+    MoE: the aux loss is the pipeline's (``mgpt_train.pipeline``), averaged over the data ranks by FSDP.
+    Not composed with PP (ValueError): cp > 1 (stages would have to exchange context shards of the sequence)."""
+    _check_arguments("parallelize_pipeline", parallel_dims, mesh, mixed_precision)
+    if parallel_dims.pp == 1 or parallel_dims.cp > 1:
+        raise ValueError(f"parallelize_pipeline: composes pp > 1 with dp_replicate, dp_shard, tp and ep; got "
+                         f"pp={parallel_dims.pp}, cp={parallel_dims.cp} (pp=1: use parallelize_qwen3_vl; context "
+                         f"parallelism is not composed with pipeline stages)")
+    if pipe.pp_size != parallel_dims.pp:
+        raise ValueError(f"parallelize_pipeline: 'pipe' runs over {pipe.pp_size} pp ranks but parallel_dims say "
+                         f"pp={parallel_dims.pp}; build it over mesh['pp']")
+    text = pipe.config.text
+    parallel_dims.check_model(num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+                              num_experts=text.num_experts if pipe.config.is_moe else None)
+    if pipe.seq_len % parallel_dims.tp:
+        raise ValueError(f"parallelize_pipeline: the pipeline's seq_len {pipe.seq_len} must be divisible by "
+                         f"tp={parallel_dims.tp} (sequence-parallel pieces inside each stage)")
+    data_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard
+    if data_ranks > 1 and mixed_precision == "bf16" and pipe.activation_dtype != torch.bfloat16:
+        raise ValueError(f"parallelize_pipeline: bf16 mixed precision sends bf16 activations between stages; build "
+                         f"the pipeline with activation_dtype=torch.bfloat16, got {pipe.activation_dtype}")
+    tp_mesh = mesh["tp"] if parallel_dims.tp > 1 else None
+    ep_mesh, expert_dp_mesh = expert_meshes(mesh, parallel_dims.ep) if parallel_dims.ep > 1 else (None, None)
+    for module in pipe.stage_modules:
+        if tp_mesh is not None:
+            apply_tensor_parallel(module, tp_mesh)
+            module.tp_mesh = tp_mesh
+        if ep_mesh is not None:
+            apply_expert_parallel(module, ep_mesh)
+        if activation_checkpointing:
+            apply_activation_checkpointing(module)
+        if data_ranks > 1:
+            apply_fsdp(module, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
+            module.vision_every_microbatch = True  # same FSDP collectives on every data rank
+    pipe.data_parallel_ranks = data_ranks
+    return pipe
+
+
+def _check_arguments(caller: str, parallel_dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str) -> None:
+    if mixed_precision not in _MIXED_PRECISION:
+        raise ValueError(f"{caller}: 'mixed_precision' must be one of {sorted(_MIXED_PRECISION)}, got "
+                         f"{mixed_precision!r}")
+    if not isinstance(mesh, ParallelMesh):
+        raise ValueError(f"{caller}: 'mesh' must be the ParallelMesh of ParallelDims.build_mesh, got "
+                         f"{type(mesh).__name__}")
+    if tuple(mesh.mesh.shape) != parallel_dims.sizes:
+        raise ValueError(f"{caller}: 'mesh' has shape {tuple(mesh.mesh.shape)} but parallel_dims say "
+                         f"{parallel_dims.sizes}")
+
+
+def sequence_piece(x: torch.Tensor, tp_mesh: DeviceMesh) -> torch.Tensor:
+    """[T, ...] identical on the tp ranks -> this rank's contiguous [T/tp, ...] piece (sequence parallelism). A
+    DTensor redistribution, so that its backward all-gathers the gradient: every tp rank then holds the complete
+    gradient of what came before (embeddings, vision tower, the previous pipeline stage)."""
+    replicated = DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+    return replicated.redistribute(tp_mesh, [Shard(0)]).to_local()
+
+
+def whole_sequence(x: torch.Tensor, tp_mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's sequence piece (a local tensor, or the Shard(0) DTensor of a sequence-parallel norm) -> the
+    whole [T, ...] on every tp rank. Its backward is a local slice: what follows (the vocabulary-parallel loss, the
+    next pipeline stage's ``sequence_piece``) hands every tp rank the same complete gradient."""
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, tp_mesh, [Shard(0)], run_check=False)
+    return x.redistribute(tp_mesh, [Replicate()]).to_local()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -148,14 +234,9 @@ class DecoderTokenLayout:
         return x if self.cp_size == 1 else shard_sequence(x, dim, self.cp_rank, self.cp_size)
 
     def decoder_shard(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, ...] identical on the cp x tp ranks -> this rank's residual-stream rows. The tp split is a DTensor
-        redistribution so that its backward all-gathers the gradient: every tp rank then holds the complete
-        gradient of the (replicated) embeddings and vision tower."""
+        """[T, ...] identical on the cp x tp ranks -> this rank's residual-stream rows (``sequence_piece``)."""
         x = self.cp_shard(x, 0)
-        if self.tp_mesh is None:
-            return x
-        replicated = DTensor.from_local(x, self.tp_mesh, [Replicate()], run_check=False)
-        return replicated.redistribute(self.tp_mesh, [Shard(0)]).to_local()
+        return x if self.tp_mesh is None else sequence_piece(x, self.tp_mesh)
 
     def shard_decoder_inputs(self, _module, args):
         """Forward pre-hook of ``TextModel``: (embeds [T,H], position_ids [3,T], cu_seqlens, info, visual_rows,
@@ -175,8 +256,7 @@ class DecoderTokenLayout:
         summed over the cp ranks (the load-balancing loss of the whole sequence)."""
         hidden, router_stats = output
         if isinstance(hidden, DTensor):  # the tp-sequence-parallel final norm
-            # Backward is a local slice: the vocabulary-parallel loss hands every tp rank the full gradient.
-            hidden = hidden.redistribute(self.tp_mesh, [Replicate()]).to_local()
+            hidden = whole_sequence(hidden, self.tp_mesh)
         if self.cp_size > 1:
             router_stats = [self._sum_over_cp(stats) for stats in router_stats]
         return hidden, router_stats
@@ -189,11 +269,27 @@ class DecoderTokenLayout:
         return RouterStats(counts, prob_sum, stats.rows * self.cp_size)
 
 
-def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout):
+def idle_vision(model: Qwen3VLModel | PipelineStageModule) -> torch.Tensor:
+    """0 x the vision tower's outputs on one blank merge block, for a batch without images under FSDP: every data
+    rank must run the same collectives in the same order (the vision blocks' all-gathers before the decoder's,
+    their gradient reduce-scatters) whether or not its batch holds images. Run it where the vision tower would
+    run. The vision parameters get zero gradients from it (a step without any image on any rank therefore
+    gives them zeros rather than no gradient)."""
+    vision = model.config.vision
+    merge = vision.spatial_merge_size
+    pixels = torch.zeros(merge * merge, vision.patch_dim, device=next(model.visual.parameters()).device)
+    embeds, deepstack = model.visual(pixels, torch.tensor([[1, merge, merge]]))
+    return 0.0 * sum(x.float().sum() for x in (embeds, *deepstack))
+
+
+def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout, vision_every_batch: bool):
     """The replacement of ``model.forward``: the model's hidden states (sharded by the hooks), this rank's labels,
-    and the head's local vocabulary shard with the tp group. Returns sums for ``global_token_mean_loss``."""
+    and the head's local vocabulary shard with the tp group. Returns sums for ``global_token_mean_loss``.
+    ``vision_every_batch`` (FSDP): ``idle_vision`` for a batch without images."""
 
     def forward(batch: dict) -> dict[str, torch.Tensor]:
+        pixels = batch.get("pixel_values")
+        idle = idle_vision(model) if vision_every_batch and (pixels is None or not pixels.shape[0]) else None
         hidden, aux = model.hidden_states(batch)
         labels = tokens.cp_shard(batch["labels"], 0)
         rows = torch.nonzero(labels != IGNORE_INDEX).flatten()
@@ -201,7 +297,7 @@ def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout):
         weight = weight.to_local() if isinstance(weight, DTensor) else weight
         logprobs, _ = fused_linear_logprobs(hidden[rows], weight, labels[rows], ignore_index=IGNORE_INDEX,
                                             return_entropy=False, process_group=tokens.tp_group)
-        loss_sum = -logprobs.sum()
+        loss_sum = -logprobs.sum() if idle is None else idle - logprobs.sum()
         aux_term = model.config.text.router_aux_loss_coef * aux if model.config.is_moe else torch.zeros_like(loss_sum)
         return {"loss_sum": loss_sum, "n_tokens": torch.tensor(rows.shape[0], device=hidden.device),
                 "aux_loss": aux, "loss": loss_sum / max(rows.shape[0], 1) + aux_term, "aux_term": aux_term}
@@ -244,8 +340,15 @@ def pad_packed_batch(batch: dict, multiple: int, pad_id: int = 0) -> dict:
 # --------------------------------------------------------------------------------------------------------
 # The individual parallelisms
 # --------------------------------------------------------------------------------------------------------
-def apply_tensor_parallel(model: Qwen3VLModel, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style TP with sequence parallelism on the decoder (token dim 0 of the [T, H] residual stream)."""
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a ``Qwen3VLModel`` (a ModuleList) or of a pipeline stage (a ModuleDict)."""
+    layers = model.language_model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism on the decoder (token dim 0 of the [T, H] residual stream), for
+    the whole model or a pipeline stage (whatever of embedding, layers, final norm and head it holds)."""
     layer_plan = {
         "input_layernorm": SequenceParallel(sequence_dim=0),
         # (x, cos, sin, cu_seqlens, info): gather x's sequence pieces; cos/sin already cover the cp shard.
@@ -275,43 +378,52 @@ def apply_tensor_parallel(model: Qwen3VLModel, tp_mesh: DeviceMesh) -> None:
     moe_plan = {"mlp": PrepareModuleInputOutput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),),
                                                 use_local_input=True, output_layouts=(Replicate(), None),
                                                 desired_output_layouts=(Shard(0), None), use_local_output=True)}
-    for layer in model.language_model.layers:
+    for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, layer_plan | (moe_plan if isinstance(layer.mlp, SparseMoeBlock)
                                                          else dense_mlp_plan))
-    # The embedding output stays whole (image embeddings are scattered into it); the decoder hook shards it.
-    parallelize_module(model.language_model, tp_mesh, {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "norm": SequenceParallel(sequence_dim=0),
-    })
-    if model.config.tie_word_embeddings:
+    text = model.language_model
+    # The embedding output stays whole (image embeddings are scattered into it); the decoder hook (or the stage)
+    # then takes the sequence piece.
+    text_plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                 "norm": SequenceParallel(sequence_dim=0)}
+    text_plan = {name: style for name, style in text_plan.items() if hasattr(text, name)}
+    if text_plan:
+        parallelize_module(text, tp_mesh, text_plan)
+    if not hasattr(model, "lm_head"):
+        return
+    if model.config.tie_word_embeddings and hasattr(text, "embed_tokens"):
         model.tie_weights()  # the head shares the (now vocabulary-sharded) embedding parameter
-    else:
+    else:  # an untied head, or the last pipeline stage's copy of a tied one: sharded like the embedding
         head = model.lm_head.weight
         model.lm_head.weight = nn.Parameter(distribute_tensor(head.detach(), tp_mesh, [Shard(0)]),
                                             requires_grad=head.requires_grad)
 
 
-def apply_expert_parallel(model: Qwen3VLModel, mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """Shard every MoE layer's experts over ep ranks of "dp_shard_cp" and route its tokens with
-    ``expert_parallel_moe``; returns the data-parallel mesh of the experts (module docstring of the FSDP step).
+def expert_meshes(mesh: ParallelMesh, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
+    """(the "ep" mesh: the groups of ``expert_parallel_group``, the data-parallel mesh of the experts: see the
+    FSDP step). Collective (new process groups): build them once per run, for all pipeline stages."""
+    expert_mesh = _expert_mesh(mesh, ep)
+    return expert_mesh["ep"], expert_mesh["dp_replicate", "edp"] if expert_mesh.size(1) > 1 else expert_mesh["edp"]
+
+
+def apply_expert_parallel(model: Qwen3VLModel | PipelineStageModule, ep_mesh: DeviceMesh) -> None:
+    """Shard every MoE layer's experts over the ep ranks of ``ep_mesh`` and route its tokens with
+    ``expert_parallel_moe``.
 
     The expert parameters become DTensors sharded over the experts dim on the "ep" dim of one expert mesh, so
     names, global shapes and DCP checkpoints are those of the unparallelized model; ``GroupedExperts.forward`` is
     replaced (instance attribute) by the all-to-all routing around ``compute`` on the local shards."""
-    expert_mesh = _expert_mesh(mesh, ep)
-    ep_mesh = expert_mesh["ep"]
     for block in model.modules():
         if isinstance(block, SparseMoeBlock):
             experts = block.experts
             for name in ("gate_up_proj", "down_proj"):
-                local = shard_experts(getattr(experts, name), ep_mesh.get_local_rank(), ep)
+                local = shard_experts(getattr(experts, name), ep_mesh.get_local_rank(), ep_mesh.size())
                 setattr(experts, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
             experts.forward = functools.partial(expert_parallel_moe, experts,
                                                 num_experts=experts.num_experts, group=ep_mesh.get_group())
-    return expert_mesh["dp_replicate", "edp"] if expert_mesh.size(1) > 1 else expert_mesh["edp"]
 
 
-def _expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
+def _expert_mesh(mesh: ParallelMesh, ep: int) -> DeviceMesh:
     """Mesh ("other" = pp x tp, "dp_replicate", "edp", "ep") over the same ranks: "ep" holds the groups of
     ``expert_parallel_group`` (``expert_parallel_blocks``: ep consecutive ranks of "dp_shard_cp"), "edp" the
     ranks of a "dp_shard_cp" group at the same position of their ep block (they hold the same experts)."""
@@ -323,20 +435,23 @@ def _expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
                       mesh_dim_names=("other", "dp_replicate", "edp", "ep"))
 
 
-def apply_activation_checkpointing(model: Qwen3VLModel) -> None:
-    """Recompute every decoder layer and vision block in backward (state-dict names are unchanged)."""
-    for blocks in (model.language_model.layers, model.visual.blocks):
-        for index, block in enumerate(blocks):
-            blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+def apply_activation_checkpointing(model: Qwen3VLModel | PipelineStageModule) -> None:
+    """Recompute every decoder layer and vision block (those a pipeline stage holds) in backward (state-dict names
+    are unchanged)."""
+    groups = [model.language_model.layers] + ([model.visual.blocks] if hasattr(model, "visual") else [])
+    for blocks in groups:
+        keys = list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks))
+        for key in keys:
+            blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=False)
 
 
-def apply_fsdp(model: Qwen3VLModel, mesh: DeviceMesh, parallel_dims: ParallelDims, mp_policy: MixedPrecisionPolicy,
-               expert_dp_mesh: DeviceMesh | None) -> None:
-    dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if parallel_dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+def apply_fsdp(model: Qwen3VLModel | PipelineStageModule, mesh: ParallelMesh, parallel_dims: ParallelDims,
+               mp_policy: MixedPrecisionPolicy, expert_dp_mesh: DeviceMesh | None) -> None:
+    dp_mesh = mesh.fsdp
     n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
-    for block in model.visual.blocks:
+    for block in (model.visual.blocks if hasattr(model, "visual") else []):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
-    for layer in model.language_model.layers:
+    for layer in decoder_layers(model):
         if expert_dp_mesh is not None:
             for module in layer.modules():
                 if isinstance(module, GroupedExperts):

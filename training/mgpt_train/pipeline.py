@@ -39,10 +39,12 @@ Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps 
 the two ranks (a point-to-point exchange), so both copies stay equal under any optimizer. On one rank the two
 stages share the Parameter.
 
-Composition (what a ``parallelize`` function does): ``build_pipeline(..., materialize=False)`` (meta device),
-then per stage module apply TP / activation checkpointing / ``fully_shard`` in place, then
-``pipe.init_weights()`` (``to_empty`` + the model's initialisation + the tied copy), or ``load_full_state_dict``.
-Set ``activation_dtype`` to what flows between stages (bf16 under an FSDP bf16 param policy).
+Composition with TP, EP and FSDP2 / HSDP: ``build_pipeline(..., materialize=False)`` (meta device), then
+``mgpt_train.parallelize.parallelize_pipeline`` (TP / EP / activation checkpointing / ``fully_shard`` per stage
+module, in place; it documents the order), then ``pipe.load_full_state_dict`` (full tensors, distributed onto the
+DTensor parameters) or ``pipe.init_weights()``. Under tp a stage runs its decoder layers on its sequence piece
+(``tp_mesh``) and gathers the whole sequence at its end, so stages still exchange plain full tensors. Set
+``activation_dtype`` to what flows between stages (bf16 under an FSDP bf16 param policy).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mgpt_ops import fused_linear_logprobs
 from mgpt_train.model.attention import AttentionInfo
@@ -61,6 +64,7 @@ from mgpt_train.model.language import TextAttention, mrope_cos_sin
 from mgpt_train.model.moe import load_balancing_loss
 from mgpt_train.model.positions import mrope_position_ids
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights
+from mgpt_train.parallelize import idle_vision, sequence_piece, whole_sequence
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -246,6 +250,15 @@ class PipelineStageModule(nn.Module):
         local_moe = sum(i in plan.layers for i in moe_layers)
         self.aux_weight = (full.config.text.router_aux_loss_coef * local_moe / len(moe_layers)) if local_moe else 0.0
         self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
+        self.tp_mesh = None  # set by parallelize_pipeline: the decoder then runs on tp sequence pieces
+        # Set by parallelize_pipeline under FSDP: the vision tower runs on every micro-batch (idle_vision).
+        self.vision_every_microbatch = False
+
+    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp_mesh is None else sequence_piece(x, self.tp_mesh)
+
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp_mesh is None else whole_sequence(x, self.tp_mesh)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when this one stage holds both (``to_empty`` unties them)."""
@@ -265,6 +278,8 @@ class PipelineStageModule(nn.Module):
             hidden = hidden.index_copy(0, mb.image_rows, image_embeds.to(hidden.dtype))
             if taps:
                 pending = pending.index_copy(1, mb.image_rows, torch.stack(deepstack).to(hidden.dtype))
+        elif self.vision_every_microbatch:
+            hidden = hidden + idle_vision(self).to(hidden.dtype)
         return hidden, pending
 
     def forward(self, *activations: torch.Tensor, microbatch: torch.Tensor):
@@ -275,7 +290,8 @@ class PipelineStageModule(nn.Module):
         else:
             hidden = activations[0][0]
             pending = activations[1][0] if plan.pending_in else None
-        cos, sin = mrope_cos_sin(mb.position_ids, self.config.text, hidden.dtype)
+        cos, sin = mrope_cos_sin(mb.position_ids, self.config.text, hidden.dtype)  # all T rows (tp gathers q/k)
+        hidden = self._piece(hidden)
         router_stats = []
         for index in plan.layers:
             hidden, stats = self.language_model.layers[str(index)](hidden, cos, sin, mb.cu_seqlens, mb.info)
@@ -283,23 +299,26 @@ class PipelineStageModule(nn.Module):
                 router_stats.append(stats)
             if index < plan.deepstack_taps:
                 # Zeros outside the image rows: the same sum as the model's index_add at those rows.
-                hidden = hidden + pending[index - plan.layers.start]  # pending starts at this stage's first layer
+                hidden = hidden + self._piece(pending[index - plan.layers.start])  # from this stage's first layer
         if router_stats and self.aux_weight:
             aux = load_balancing_loss(router_stats, self.config.text.num_experts)
             hidden = _AttachAuxLoss.apply(hidden, aux * (self.aux_weight / len(self.microbatches)))
         if plan.is_last:
-            return self._logprobs(self.language_model.norm(hidden), mb)[None]
+            return self._logprobs(self._whole(self.language_model.norm(hidden)), mb)
+        hidden = self._whole(hidden)  # a plain full tensor crosses the stage boundary
         if plan.pending_out:
             used = len(plan.layers)
-            return hidden[None], pending[used:][None]
-        return hidden[None]
+            return _batched(hidden), _batched(pending[used:])
+        return _batched(hidden)
 
     def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
-        """Per-token log-probability of the label [T] (0 on unlabelled rows); the head runs on labelled rows."""
+        """Per-token log-probability of the label [1, T] (0 on unlabelled rows); the head runs on labelled rows (on
+        its local vocabulary shard with the tp group under tp)."""
         rows = mb.label_rows
-        logprobs, _ = fused_linear_logprobs(hidden[rows], self.lm_head.weight, mb.labels[rows],
-                                            ignore_index=IGNORE_INDEX, return_entropy=False)
-        return logprobs.new_zeros(hidden.shape[0]).index_copy(0, rows, logprobs)
+        group = self.tp_mesh.get_group() if self.tp_mesh is not None else None
+        logprobs, _ = fused_linear_logprobs(hidden[rows], _local(self.lm_head.weight), mb.labels[rows],
+                                            ignore_index=IGNORE_INDEX, return_entropy=False, process_group=group)
+        return logprobs.new_zeros(1, hidden.shape[0]).index_copy(1, rows, logprobs[None])
 
 
 def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: torch.dtype
@@ -318,9 +337,23 @@ def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: to
     return inputs, outputs
 
 
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """``x[None]`` as a tensor of its own: FSDP2 warns when a module returns a view (an in-place op on it would
+    skip its backward hook)."""
+    return x[None].clone()
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (its storage, under no_grad), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    """The local shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _distributed_like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like ``current`` (a DTensor parameter of TP / FSDP: this rank's shard, cut locally
+    since every rank holds the full tensor)."""
+    if not isinstance(current, DTensor):
+        return full
+    return distribute_tensor(full.to(current.device), current.device_mesh, current.placements, src_data_rank=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,9 +365,13 @@ class Pipeline:
     def __init__(self, config: Qwen3VLConfig, plans: list[StagePlan], pp_mesh, *, schedule: str,
                  n_microbatches: int, seq_len: int, device, activation_dtype: torch.dtype, pad_token_id: int):
         self.config, self.n_microbatches, self.seq_len = config, n_microbatches, seq_len
+        self.activation_dtype = activation_dtype
+        # FSDP averages gradients over this many data-parallel ranks (set by parallelize_pipeline); step scales
+        # its backward loss by it.
+        self.data_parallel_ranks = 1
         self.device = torch.device(device)
         self.pad_token_id = pad_token_id
-        self.pp_group = pp_mesh.get_group()
+        self.pp_group, self.pp_size = pp_mesh.get_group(), pp_mesh.size()
         pp_rank = pp_mesh.get_local_rank()
         self.plans = [plan for plan in plans if plan.rank == pp_rank]
         with torch.device("meta"):
@@ -406,11 +443,14 @@ class Pipeline:
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy this rank's parameters from a full model's state dict (plain tensors, before FSDP/TP)."""
+        """Copy this rank's parameters from a full model's state dict (plain full tensors; DTensor parameters of
+        TP / FSDP get their shards)."""
         for module in self.stage_modules:
             if any(p.is_meta for p in module.parameters()):
                 module.to_empty(device=self.device)
-            module.load_state_dict({name: state[name] for name in module.state_dict()}, strict=True)
+            current = module.state_dict()
+            module.load_state_dict({name: _distributed_like(state[name], value) for name, value in current.items()},
+                                   strict=True)
         self._tie_local_stages()
 
     @torch.no_grad()
@@ -449,6 +489,9 @@ class Pipeline:
             return
         if param.grad is None:
             param.grad = torch.zeros_like(param)
+        if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+            # the vocabulary-parallel embedding's gradient comes back replicated: keep this rank's shard of it
+            param.grad = param.grad.redistribute(param.device_mesh, param.placements)
         mine = _local(param.grad)
         theirs = torch.empty_like(mine)
         ops = [dist.P2POp(dist.isend, mine.contiguous(), self._tied_peer, self.pp_group),
@@ -461,7 +504,9 @@ class Pipeline:
         """Forward and backward of ``n_microbatches`` packed batches (every pp rank passes the same list; only the
         first stage reads pixel_values). Gradients accumulate into the stage parameters' ``.grad``. Returns the
         step's loss, sum over label tokens of -log p / N, on the rank holding the last stage (None elsewhere).
-        N = the step's label tokens, or ``global_tokens`` (e.g. summed over data-parallel ranks by the caller)."""
+        N = the step's label tokens, or ``global_tokens`` (the label tokens summed over the data-parallel ranks;
+        then the returned loss is this rank's share and the backward loss is multiplied by
+        ``data_parallel_ranks``, whose gradients FSDP averages)."""
         if not isinstance(microbatches, (list, tuple)) or len(microbatches) != self.n_microbatches:
             got = (f"{len(microbatches)} of them" if isinstance(microbatches, (list, tuple))
                    else type(microbatches).__name__)
@@ -470,7 +515,7 @@ class Pipeline:
         padded = [pad_microbatch(batch, self.config, self.seq_len, self.device, self.pad_token_id)
                   for batch in microbatches]
         tokens = sum(mb.label_rows.shape[0] for mb in padded) if global_tokens is None else global_tokens
-        self._loss_scale = 1.0 / max(int(tokens), 1)
+        self._loss_scale = self.data_parallel_ranks / max(int(tokens), 1)
         for module in self.stage_modules:
             module.microbatches = padded
         args = (torch.stack([mb.input_ids for mb in padded]),) if self.has_first_stage else ()
@@ -483,7 +528,9 @@ class Pipeline:
             for module in self.stage_modules:
                 module.microbatches = []
         self._reduce_tied_grads()
-        return torch.stack(losses).sum().detach() if self.has_last_stage else None
+        if not self.has_last_stage:
+            return None
+        return torch.stack(losses).sum().detach() / self.data_parallel_ranks
 
 
 def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,

@@ -11,10 +11,11 @@ One run (every rank computes, rank 0 prints and writes the result files):
      -- then, with several ranks, ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
      ``model.dtype = "bfloat16"``, which therefore needs FSDP). Every rank holds the full model once
      before it is sharded (fine up to a few billion parameters; the 30B preset needs a sharded init).
-     Pipeline parallelism (``parallel.pp`` = the world size; not combined with other degrees here, nor with
-     activation checkpointing / compile): ``mgpt_train.pipeline`` stages loaded from the same seeded weights;
-     each step's micro-batch is split by whole samples into ``parallel.pp_microbatches`` pipeline micro-batches,
-     so the step, its loss and the curriculum are those of one process.
+     Pipeline parallelism (``parallel.pp`` > 1, combined with ``dp_replicate`` / ``dp_shard`` / ``tp`` / ``ep``,
+     not with cp / compile): ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (TP / EP /
+     AC / FSDP2 per stage), then the same seeded weights loaded into them; each step's micro-batch is split by whole
+     samples into ``parallel.pp_microbatches`` pipeline micro-batches, so the step, its loss and the curriculum
+     are those of one process (of the data-parallel ranks' micro-batches together).
   3. data: the synthetic train and held-out splits (or ``data.jsonl``, whose last ``data.synthetic.heldout_samples``
      lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; one packed micro-batch per
      data-parallel rank is one optimizer step.
@@ -117,10 +118,14 @@ def make_encoder(cfg: TrainConfig, model_config, tokenizer: ByteTokenizer) -> Sa
 
 
 def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
-    """ConfigErrors for what this trainer does not combine: pipeline stages with other degrees, bf16 without FSDP."""
-    if dims.pp > 1 and dims.pp != dims.world_size:
-        raise ConfigError(f"config section 'parallel': pipeline parallelism runs alone in mgpt_train.train (pp = "
-                          f"world size), got {dims}")
+    """ConfigErrors for what this trainer does not combine: pipeline stages with cp / compile, bf16 without
+    FSDP."""
+    if dims.pp > 1 and dims.cp > 1:
+        raise ConfigError(f"config section 'parallel': pipeline parallelism (pp={dims.pp}) combines with "
+                          f"dp_replicate, dp_shard, tp and ep, not with context parallelism (cp={dims.cp})")
+    if dims.pp > 1 and cfg.model.compile:
+        raise ConfigError("config key 'model.compile': not applied to pipeline stages (parallel.pp > 1); set it "
+                          "to false")
     if cfg.model.dtype == "bfloat16" and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
         raise ConfigError("config key 'model.dtype': bfloat16 is FSDP2's mixed precision (bf16 compute, fp32 "
                           "weights and reductions) and needs several data/context-parallel ranks; use float32")
@@ -155,16 +160,22 @@ def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device
     return model
 
 
-def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device, pp_mesh):
-    """``mgpt_train.pipeline`` stages of the seeded model (the weights of a single-process run): 1F1B when there
-    are at least pp micro-batches, else GPipe; every micro-batch padded to the largest stage token budget."""
+def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device, dims: ParallelDims, mesh):
+    """``mgpt_train.pipeline`` stages parallelized by ``parallelize_pipeline`` and loaded with the seeded model's
+    weights (those of a single-process run): 1F1B when there are at least pp micro-batches, else GPipe; every
+    micro-batch padded to the largest stage token budget (rounded up to a multiple of tp)."""
+    from mgpt_train.parallelize import parallelize_pipeline
     from mgpt_train.pipeline import build_pipeline
 
     full = init_model(cfg, tokenizer, device)
-    count = cfg.parallel.pp_microbatches
-    pipe = build_pipeline(full.config, pp_mesh, schedule="1F1B" if count >= pp_mesh.size() else "GPipe",
-                          n_microbatches=count, seq_len=max(s.max_tokens for s in cfg.curriculum_stages()),
-                          device=device, materialize=False, pad_token_id=tokenizer.pad_id)
+    count, bf16 = cfg.parallel.pp_microbatches, cfg.model.dtype == "bfloat16"
+    seq_len = max(s.max_tokens for s in cfg.curriculum_stages())
+    pipe = build_pipeline(full.config, mesh["pp"], schedule="1F1B" if count >= dims.pp else "GPipe",
+                          n_microbatches=count, seq_len=seq_len + -seq_len % dims.tp, device=device,
+                          materialize=False, pad_token_id=tokenizer.pad_id,
+                          activation_dtype=torch.bfloat16 if bf16 else torch.float32)
+    parallelize_pipeline(pipe, dims, mesh, mixed_precision="bf16" if bf16 else "fp32",
+                         activation_checkpointing=cfg.model.activation_checkpointing)
     pipe.load_full_state_dict(full.state_dict())
     return pipe
 
@@ -297,7 +308,7 @@ class Trainer:
         self.tokenizer = ByteTokenizer()
         self.pipeline = self.model = None
         if self.dims.pp > 1:
-            self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.mesh["pp"])
+            self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.dims, self.mesh)
             self.parts, self.model_config = list(self.pipeline.stage_modules), self.pipeline.config
             self.pp_group = self.mesh["pp"].get_group()
             self.last_stage_rank = dist.get_global_rank(self.pp_group, self.dims.pp - 1)
@@ -378,12 +389,17 @@ class Trainer:
 
     def _pipeline_step(self, batch: dict) -> dict:
         """The step's micro-batch split into the pipeline's micro-batches; forward and backward by the schedule.
-        The loss (on the last stage's rank) is the token mean over the whole micro-batch, as in one process."""
+        The loss is the token mean over the micro-batches of all data-parallel ranks, as in one process: each
+        last stage returns its share (its -log p sum over the global label tokens), summed over the data-parallel
+        ranks, then sent from the last stage to every pp rank."""
         pieces = split_packed(batch, self.pipeline.n_microbatches, self.tokenizer.vision_start_id)
-        loss = self.pipeline.step(pieces)
-        logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
-        dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
         label_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        global_tokens = torch.tensor(label_tokens, dtype=torch.int64, device=self.device)
+        dist.all_reduce(global_tokens, group=self.loss_group)
+        loss = self.pipeline.step(pieces, global_tokens=int(global_tokens))
+        logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
+        dist.all_reduce(logged, group=self.loss_group)  # zeros off the last stage: their own groups sum zeros
+        dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
         return {"loss": logged.item(), "grad_norm": self._optimizer_step(), "label_tokens": label_tokens}
 
     def _optimizer_step(self) -> float:
