@@ -77,6 +77,15 @@ def test_matches_formula(face, M, N, K):
 
 
 @pytest.mark.parametrize("face", FACES)
+def test_prefill_size_m4096(face):
+    """M = 4096 tokens with partial blocks in N and K: many row tiles, every group scale distinct."""
+    a, b, sa, sb = make(4096, 40, 200, seed=4096)
+    with mgpt_ops.use_backend(face):
+        out = block_scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
+    assert rel_err(out, formula(a, b, sa, sb)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
 def test_out_dtypes_and_bias(face, out_dtype, bias_dtype):

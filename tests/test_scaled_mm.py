@@ -60,6 +60,16 @@ def test_matches_formula(face, qdtype, M, per_row_a, per_row_b):
 
 @pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("qdtype", [FP8, INT8])
+def test_prefill_size_m4096(face, qdtype):
+    """M = 4096 tokens (a prefill / training micro-batch): many row tiles, per-token scales all distinct."""
+    a, b, sa, sb = make(4096, 40, 136, qdtype, seed=4096)
+    with mgpt_ops.use_backend(face):
+        out = scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
+    assert rel_err(out, formula(a, b, sa, sb, torch.float64)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("qdtype", [FP8, INT8])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
 def test_out_dtypes_and_bias(face, qdtype, out_dtype, bias_dtype):

@@ -150,6 +150,13 @@ def test_mm_matches_reference(device, face, dtype, group_size, symmetric):
         check_mm(face, device, m, n, k, group_size, dtype, symmetric)
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_mm_prefill_size_m4096(device, face):
+    """M = 4096 rows (prefill): the large-M path, not the split-K decode path."""
+    torch.manual_seed(4096)
+    check_mm(face, device, 4096, 24, 128, 64, torch.bfloat16, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("face", FACES)
 def test_mm_fp32_scales_and_ragged_k(device, face, dtype):
