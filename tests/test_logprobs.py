@@ -134,6 +134,24 @@ def test_single_row(face, bias, device):
 
 
 @pytest.mark.parametrize("face", FACES)
+def test_autocast_behaves_like_the_linear_it_replaces(face, device):
+    """Under torch.autocast fp32 inputs are cast to the autocast dtype (as F.linear's would be): the result equals
+    the op on explicitly cast inputs, and the gradients reach the fp32 leaves in fp32."""
+    h, w, labels, b, g_lp, _ = make_inputs((13,), 16, 40, torch.float32, device, bias=True, seed=21)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    with mgpt_ops.use_backend(face), torch.autocast(device.type, dtype=torch.bfloat16):
+        lp, _ = fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2])
+    lp.backward(g_lp)
+    cast = [t.detach().bfloat16().requires_grad_() for t in (h, w, b)]
+    with mgpt_ops.use_backend(face):
+        want, _ = fused_linear_logprobs(cast[0], cast[1], labels, bias=cast[2])
+    want.backward(g_lp)
+    assert torch.equal(lp, want)
+    for leaf, ref in zip(leaves, cast):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, ref.grad.float())
+
+
+@pytest.mark.parametrize("face", FACES)
 def test_without_entropy_and_frozen_weight(face, device):
     h, w, labels, b, g_lp, _ = make_inputs((11,), 8, 29, torch.float32, device, bias=False, seed=6)
     h = h.clone().requires_grad_()

@@ -406,7 +406,19 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Returns:
         (logprobs [...], entropy [...] or None), fp32 (float64 for float64 inputs), differentiable with
         respect to hidden, weight and bias.
+
+    Under ``torch.autocast`` the op behaves like the ``F.linear`` it replaces: hidden, weight and bias are cast to
+    the autocast dtype (gradients flow back to the original dtypes), then the op runs with autocast off (its own
+    fp32 accumulation and log-sum-exp).
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_logprobs(hidden.to(dtype), weight.to(dtype), labels,
+                                         bias=None if bias is None else bias.to(dtype), temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy,
+                                         process_group=process_group, chunk_size=chunk_size)
     _validate(hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
