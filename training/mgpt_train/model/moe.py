@@ -8,7 +8,8 @@
     forward(x [M, H], topk_idx [M, k], topk_weight [M, k]) -> [M, H]
         sorts the M*k (token, expert) rows by expert, calls ``compute``, weights and sums the rows back;
     compute(x_sorted [R, H], tokens_per_expert int64 [E_local]) -> [R, H]
-        expert e's SwiGLU on its contiguous group of rows (one host read of the E_local counts).
+        expert e's SwiGLU on its contiguous group of rows: torch's grouped GEMM (no host sync) where it runs,
+        else a per-expert loop (one host read of the E_local counts).
 An EP wrapper all-to-alls the sorted rows to the ranks owning the experts, calls ``compute`` with the local
 slice of experts (``gate_up_proj`` / ``down_proj`` sharded on dim 0), and all-to-alls the results back.
 
@@ -52,6 +53,26 @@ class TopKRouter(nn.Module):
         return topk_idx, topk_weight, RouterStats(counts, probs.sum(0), probs.shape[0])
 
 
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_usable(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """torch's grouped GEMM takes fp32/bf16/fp16 operands whose row strides are multiples of 16 bytes (and, on
+    older CPU builds, 16-byte aligned data), on CPU and on CUDA from sm_80; anything else (float64 tests, odd
+    tiny widths, older GPUs) takes the per-expert loop."""
+    dtype = x.dtype
+    if _grouped_mm is None or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if gate_up_proj.dtype != dtype or down_proj.dtype != dtype:
+        return False
+    hidden, intermediate = x.shape[1], down_proj.shape[2]
+    if (hidden * x.element_size()) % 16 or (intermediate * x.element_size()) % 16:
+        return False
+    if gate_up_proj.device.type == "cuda":
+        return torch.cuda.get_device_capability(gate_up_proj.device) >= (8, 0)
+    return gate_up_proj.device.type == "cpu" and all(t.data_ptr() % 16 == 0 for t in (x, gate_up_proj, down_proj))
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -70,6 +91,12 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"GroupedExperts.compute: 'tokens_per_expert' must have shape "
                              f"[{gate_up_proj.shape[0]}] (one count per local expert), got "
                              f"{list(tokens_per_expert.shape)}")
+        if _grouped_mm_usable(x_sorted, gate_up_proj, down_proj):
+            # One grouped GEMM per projection for all experts, no host sync (offsets stay on the device); empty
+            # experts are empty groups and get zero gradients.
+            offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            gate, up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            return _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
         outputs = []
         # unbind once: indexing gate_up_proj[e] per expert would make every backward of that index allocate
         # a zero [E, 2I, H] gradient (E^2 traffic); unbind's backward stacks the per-expert gradients once.
