@@ -32,12 +32,17 @@ class ConfigError(ValueError):
 
 
 MODEL_PRESETS = ("tiny", "tiny_moe", "qwen3_vl_30b_a3b")  # Qwen3VLConfig constructors
+INIT_MODES = ("auto", "full", "sharded")  # how the initial weights are made (mgpt_train.initialization)
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # one of MODEL_PRESETS
     hf_config: str | None = None  # a Hugging Face model folder / config.json to mirror instead of the preset
+    # a Hugging Face model folder (config.json + *.safetensors, optionally tokenizer and preprocessor_config.json)
+    # whose shape, weights and tokenizer replace the preset's shape, the seeded weights and the byte tokenizer
+    hf_checkpoint: str | None = None
+    init: str = "auto"  # one of INIT_MODES: "full", "sharded" or "auto" (mgpt_train.initialization)
     text: dict[str, Any] = field(default_factory=dict)  # TextConfig fields to change, e.g. {"num_hidden_layers": 2}
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields to change
     dtype: str = "float32"  # parameter / compute dtype: float32 or bfloat16
@@ -46,6 +51,10 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(self.init in INIT_MODES, "model.init", f"one of {list(INIT_MODES)}", self.init)
+        if self.hf_checkpoint is not None and self.hf_config is not None:
+            raise ConfigError("config keys 'model.hf_checkpoint' and 'model.hf_config': set one of them (the "
+                              "checkpoint brings its own config)")
         # Unknown presets, override keys or an inconsistent shape fail at load time; the overrides keep their
         # typed values (command-line strings become ints, lists become tuples).
         built = self.build()
@@ -53,17 +62,26 @@ class ModelConfig:
         self.vision = {name: getattr(built.vision, name) for name in self.vision}
 
     def build(self):
-        """The ``mgpt_train.model.Qwen3VLConfig`` this section describes (preset or HF config, then overrides)."""
+        """The ``mgpt_train.model.Qwen3VLConfig`` this section describes (preset, HF config or HF checkpoint's
+        config, then the ``text`` / ``vision`` overrides)."""
         from mgpt_train.model.config import Qwen3VLConfig, TextConfig, VisionConfig
 
-        if self.hf_config is not None:
+        source = "hf_checkpoint" if self.hf_checkpoint is not None else "hf_config"
+        folder = self.hf_checkpoint if self.hf_checkpoint is not None else self.hf_config
+        if self.hf_checkpoint is not None:
+            safetensors_files(self.hf_checkpoint)  # a clear error now, not after the model is built
+        if folder is not None:
             from transformers import AutoConfig
 
             try:
-                hf_config = AutoConfig.from_pretrained(self.hf_config)
-            except OSError as exc:
-                raise ConfigError(f"config key 'model.hf_config': cannot read {self.hf_config!r} ({exc})") from None
-            base = Qwen3VLConfig.from_hf(hf_config)
+                hf_config = AutoConfig.from_pretrained(folder)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"config key 'model.{source}': cannot read {folder!r} ({exc})") from None
+            try:
+                base = Qwen3VLConfig.from_hf(hf_config)
+            except (AttributeError, ValueError) as exc:
+                raise ConfigError(f"config key 'model.{source}': {folder!r} is not a Qwen3-VL(-MoE) model "
+                                  f"({exc})") from None
         else:
             if self.preset not in MODEL_PRESETS:
                 raise ConfigError(f"config key 'model.preset': unknown preset {self.preset!r}; known: "
@@ -75,6 +93,27 @@ class ModelConfig:
             return dataclasses.replace(base, text=text, vision=vision)
         except ValueError as exc:
             raise ConfigError(f"config key 'model': {exc}") from None
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder (``model.safetensors`` or the shards its
+    ``model.safetensors.index.json`` names); ConfigError naming ``model.hf_checkpoint`` when there are none."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"config key 'model.hf_checkpoint': {str(folder)!r} is not a Hugging Face model folder "
+                          f"(no config.json there)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(f"config key 'model.hf_checkpoint': {index} names missing files {missing[:3]}")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"config key 'model.hf_checkpoint': {str(folder)!r} holds no *.safetensors weights "
+                          f"(save the model with save_pretrained(..., safe_serialization=True))")
+    return files
 
 
 @dataclass
@@ -192,6 +231,7 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps (0 = only at the end of the run)
     keep: int | None = 2  # most recent checkpoints kept (None = all)
     resume: str = "latest"  # "latest" (if any), "never", or a step number
+    export_hf: bool = False  # write a Hugging Face model folder <output_dir>/hf at the end of the run
 
     def __post_init__(self):
         _check(self.every >= 0, "checkpoint.every", "an int >= 0", self.every)
@@ -466,6 +506,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         _apply_override(data, *_parse_override(text))
     return _from_dict(TrainConfig, data, "")
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A TrainConfig from the plain dict of ``TrainConfig.to_dict`` (e.g. one stored in a checkpoint); missing
+    keys keep their defaults."""
+    merged = TrainConfig().to_dict()
+    _merge(merged, data, TrainConfig, "")
+    return _from_dict(TrainConfig, merged, "")
 
 
 def _merge(base: dict, update: dict, cls, prefix: str) -> None:

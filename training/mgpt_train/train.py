@@ -6,15 +6,17 @@
 One run (every rank computes, rank 0 prints and writes the result files):
   1. the configuration (``mgpt_train.config``: file, then ``--key.sub=value`` overrides); a process group when
      WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); ``ParallelDims`` and its DeviceMesh.
-  2. the model: built on the meta device, materialised with ``to_empty`` on the run's device and initialised by
-     ``init_weights`` after ``torch.manual_seed(data.seed)`` -- the same weights on every rank and in every run
-     -- then, with several ranks, ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
-     ``model.dtype = "bfloat16"``, which therefore needs FSDP). Every rank holds the full model once
-     before it is sharded (fine up to a few billion parameters; the 30B preset needs a sharded init).
+  2. the model (``build_model``): the preset / ``model.hf_config`` shape with the byte tokenizer's vocabulary, or
+     a Hugging Face folder's shape, weights and tokenizer (``model.hf_checkpoint``, see ``mgpt_train.export``).
+     ``model.init`` ("full", "sharded", "auto"; ``mgpt_train.initialization`` documents them): the whole seeded
+     (or HF) model on every rank, then ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
+     ``model.dtype = "bfloat16"``, which therefore needs FSDP) -- or parallelized on the meta device and only
+     this rank's shards materialised and filled (what a 30B model needs; seeded values then depend on the layout).
      Pipeline parallelism (``parallel.pp`` > 1, combined with ``dp_replicate`` / ``dp_shard`` / ``tp`` / ``ep``,
      not with cp / compile): ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (TP / EP /
      AC / FSDP2 per stage), then the same seeded weights loaded into them; each step's micro-batch is split by whole
-     samples into ``parallel.pp_microbatches`` pipeline micro-batches, so the step, its loss and the curriculum
+     samples into ``parallel.pp_microbatches`` pipeline micro-batches (sharded init: the stages' shards are
+     filled as above, with a tied head drawing the embedding's numbers), so the step, its loss and the curriculum
      are those of one process (of the data-parallel ranks' micro-batches together).
   3. data: the synthetic train and held-out splits (or ``data.jsonl``, whose last ``data.synthetic.heldout_samples``
      lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; one packed micro-batch per
@@ -40,7 +42,9 @@ One run (every rank computes, rank 0 prints and writes the result files):
      position, metrics history) every ``checkpoint.every`` steps and at the end; ``checkpoint.resume`` continues
      from one.
   7. outputs in ``output_dir``: ``config.json`` (resolved), ``metrics.json`` (per-step metrics, per-stage
-     evaluations, summary, environment), ``loss_throughput.png``; the summary table on stdout.
+     evaluations, summary, environment), ``loss_throughput.png``; the summary table on stdout; with
+     ``checkpoint.export_hf`` a Hugging Face folder ``hf/`` written by rank 0 from the final checkpoint
+     (``mgpt_train.export.export_checkpoint``; ``python -m mgpt_train.export`` does the same afterwards).
 
 Exit status: 0 done, 2 for a bad command line or configuration (one ``error:`` line on stderr).
 """
@@ -58,8 +62,10 @@ import torch.distributed as dist
 
 from mgpt_train import checkpoint, profiling
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
-from mgpt_train.data import (IGNORE_INDEX, ByteTokenizer, Curriculum, ImageProcessorConfig, Sample, SampleEncoder,
+from mgpt_train.data import (IGNORE_INDEX, ByteTokenizer, Curriculum, Sample, SampleEncoder,
                              apply_trainable, evaluate_by_tag, load_jsonl, make_synthetic)
+from mgpt_train.export import export_checkpoint, run_image_config, run_model_config, run_tokenizer
+from mgpt_train.initialization import fill_sharded, init_mode, init_model
 from mgpt_train.model import Qwen3VLModel
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.profiling import (RANGE_BACKWARD, RANGE_DATA, RANGE_LANGUAGE, RANGE_OPTIMIZER, RANGE_STEP,
@@ -72,7 +78,7 @@ Trains the compact Qwen3-VL with the curriculum of the config (defaults: the tin
 Keys are dotted paths of mgpt_train.config.TrainConfig, e.g. --optimizer.lr=3e-4,
 --curriculum.stages.0.steps=8, --parallel.dp_shard=2, --checkpoint.resume=never, --output_dir=runs/x."""
 
-METRICS_FILE, PLOT_FILE, CONFIG_FILE = "metrics.json", "loss_throughput.png", "config.json"
+METRICS_FILE, PLOT_FILE, CONFIG_FILE, HF_DIR = "metrics.json", "loss_throughput.png", "config.json", "hf"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -110,11 +116,7 @@ def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
 
 
 def make_encoder(cfg: TrainConfig, model_config, tokenizer: ByteTokenizer) -> SampleEncoder:
-    vision = model_config.vision
-    images = ImageProcessorConfig(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                  merge_size=vision.spatial_merge_size, min_pixels=cfg.data.min_pixels,
-                                  max_pixels=cfg.data.max_pixels)
-    return SampleEncoder(tokenizer, images)
+    return SampleEncoder(tokenizer, run_image_config(cfg, model_config))
 
 
 def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
@@ -131,20 +133,16 @@ def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
                           "weights and reductions) and needs several data/context-parallel ranks; use float32")
 
 
-def init_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device) -> Qwen3VLModel:
-    """The run's initial weights: built on the meta device, materialised on ``device``, seeded initialisation."""
-    with torch.device("meta"):
-        model = Qwen3VLModel(cfg.model.build().with_tokenizer(tokenizer))
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.data.seed)
-    model.init_weights()
-    return model
-
-
 def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device,
                 dims: ParallelDims | None = None, mesh=None) -> Qwen3VLModel:
-    """The seeded model of the run (module docstring, step 2), parallelized when ``dims`` spans several ranks."""
-    model = init_model(cfg, tokenizer, device)
+    """The initial model of the run (module docstring, step 2), parallelized when ``dims`` spans several ranks."""
+    config = run_model_config(cfg, tokenizer)
+    sharded = init_mode(cfg, config, device) == "sharded"
+    if sharded:
+        with torch.device("meta"):
+            model = Qwen3VLModel(config)
+    else:
+        model = init_model(cfg, tokenizer, device)
     if dims is not None and dims.world_size > 1:
         from mgpt_train.parallelize import parallelize_qwen3_vl
 
@@ -154,6 +152,10 @@ def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device
         from mgpt_train.parallelize import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
+    if sharded:
+        model.to_empty(device=device)
+        model.tie_weights()
+        fill_sharded(model, cfg, config)
     if cfg.model.compile:
         for layer in model.language_model.layers:
             layer.compile()
@@ -167,16 +169,22 @@ def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.de
     from mgpt_train.parallelize import parallelize_pipeline
     from mgpt_train.pipeline import build_pipeline
 
-    full = init_model(cfg, tokenizer, device)
+    config = run_model_config(cfg, tokenizer)
+    sharded = init_mode(cfg, config, device) == "sharded"
     count, bf16 = cfg.parallel.pp_microbatches, cfg.model.dtype == "bfloat16"
     seq_len = max(s.max_tokens for s in cfg.curriculum_stages())
-    pipe = build_pipeline(full.config, mesh["pp"], schedule="1F1B" if count >= dims.pp else "GPipe",
+    pipe = build_pipeline(config, mesh["pp"], schedule="1F1B" if count >= dims.pp else "GPipe",
                           n_microbatches=count, seq_len=seq_len + -seq_len % dims.tp, device=device,
                           materialize=False, pad_token_id=tokenizer.pad_id,
                           activation_dtype=torch.bfloat16 if bf16 else torch.float32)
     parallelize_pipeline(pipe, dims, mesh, mixed_precision="bf16" if bf16 else "fp32",
                          activation_checkpointing=cfg.model.activation_checkpointing)
-    pipe.load_full_state_dict(full.state_dict())
+    if sharded:
+        pipe.init_weights()  # materialises the stages and ties the head copies; the values are replaced next
+        for module in pipe.stage_modules:
+            fill_sharded(module, cfg, config)
+    else:
+        pipe.load_full_state_dict(init_model(cfg, tokenizer, device).state_dict())
     return pipe
 
 
@@ -305,7 +313,7 @@ class Trainer:
         self.split = self.dims.cp * self.dims.tp  # devices splitting one micro-batch's tokens
         self.share = self.split * self.dims.pp  # devices sharing one micro-batch's work
 
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = run_tokenizer(cfg)
         self.pipeline = self.model = None
         if self.dims.pp > 1:
             self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.dims, self.mesh)
@@ -454,7 +462,8 @@ class Trainer:
         return copy
 
     def save(self) -> None:
-        extra = {"curriculum": self.curriculum.state_dict(), "history": self.history, "evals": self.evals}
+        extra = {"curriculum": self.curriculum.state_dict(), "history": self.history, "evals": self.evals,
+                 "train_config": self.cfg.to_dict()}  # what mgpt_train.export rebuilds the model from
         folder = checkpoint.save(self.step, self.parts, self.optimizers, extra, self.cfg.checkpoint_dir,
                                  keep=self.cfg.checkpoint.keep)
         self.log(f"checkpoint {folder}")
@@ -503,7 +512,18 @@ class Trainer:
         progress.close()
         if not checkpoint.step_dir(cfg.checkpoint_dir, self.step).exists():
             self.save()
+        if cfg.checkpoint.export_hf:
+            self.export_hf()
         return self.finish()
+
+    def export_hf(self) -> None:
+        """Rank 0 writes ``<output_dir>/hf`` from the final checkpoint; the other ranks wait for it."""
+        if self.rank == 0:
+            out = export_checkpoint(checkpoint.step_dir(self.cfg.checkpoint_dir, self.step),
+                                    Path(self.cfg.output_dir) / HF_DIR, self.cfg)
+            self.log(f"exported the Hugging Face model folder {out}")
+        if dist.is_initialized():
+            dist.barrier()
 
     def run_one_step(self, progress: profiling.ProgressBar | None = None) -> None:
         self.meter.start()

@@ -17,7 +17,7 @@ from mgpt_train.data.jsonl import load_jsonl
 from mgpt_train.data.packing import IGNORE_INDEX, EncodedSample, SampleEncoder, collate, pack_greedy, shift_labels
 from mgpt_train.data.sample import Sample, tag_matches
 from mgpt_train.data.synthetic import TASKS, make_synthetic, synthetic_sample
-from mgpt_train.data.tokenizer import ByteTokenizer
+from mgpt_train.data.tokenizer import ByteTokenizer, HFTokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -26,6 +26,7 @@ __all__ = [
     "TRAINABLE_PARTS",
     "VISION_PREFIX",
     "ByteTokenizer",
+    "HFTokenizer",
     "Curriculum",
     "CurriculumStage",
     "EncodedSample",

@@ -135,3 +135,55 @@ def check_message(message: dict, index: int) -> tuple[str, str]:
     if not isinstance(content, str):
         raise ValueError(f"chat message {index}: content must be a str, got {type(content).__name__}")
     return role, content
+
+
+class HFTokenizer(ByteTokenizer):
+    """A Hugging Face tokenizer (``transformers.AutoTokenizer`` of a local model folder) behind the
+    :class:`ByteTokenizer` interface, for training a checkpoint on the vocabulary it was trained with.
+
+    The special ids are the tokenizer's ids of Qwen's special tokens (``<|image_pad|>``, ``<|vision_start|>``,
+    ``<|vision_end|>``, ``<|im_start|>``, ``<|im_end|>``); ``eos_id`` is the tokenizer's eos token (else
+    ``<|endoftext|>``, else ``<|im_end|>``), ``pad_id`` its pad token (else the eos id). The chat format is
+    inherited unchanged from :class:`ByteTokenizer` (Qwen's ``<|im_start|>role\\n...<|im_end|>\\n``, each piece
+    between special tokens encoded on its own). As there, plain text never produces special ids: ``encode``
+    splits special-token strings into ordinary tokens. ``vocab_size`` is ``len(tokenizer)``, which may be smaller
+    than the model's embedding (Qwen pads its embedding to a round size).
+    """
+
+    def __init__(self, folder) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = str(folder)
+        self.hf = AutoTokenizer.from_pretrained(self.folder)
+        self.special_ids = {name: self._special_id(name) for name in _SPECIAL_TOKENS if name != "<|pad|>"
+                            and self.hf.convert_tokens_to_ids(name) not in (None, self.hf.unk_token_id)}
+        for required in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+            self._special_id(required)
+        self.im_start_id = self.special_ids["<|im_start|>"]
+        self.im_end_id = self.special_ids["<|im_end|>"]
+        self.vision_start_id = self.special_ids["<|vision_start|>"]
+        self.vision_end_id = self.special_ids["<|vision_end|>"]
+        self.image_token_id = self.special_ids["<|image_pad|>"]
+        fallback_eos = self.special_ids.get("<|endoftext|>", self.im_end_id)
+        self.eos_id = fallback_eos if self.hf.eos_token_id is None else self.hf.eos_token_id
+        self.pad_id = self.eos_id if self.hf.pad_token_id is None else self.hf.pad_token_id
+        self.vocab_size = len(self.hf)
+
+    def _special_id(self, token: str) -> int:
+        found = self.hf.convert_tokens_to_ids(token)
+        if found is None or found == self.hf.unk_token_id:
+            raise ValueError(f"HFTokenizer: the tokenizer in {self.folder} has no special token {token!r}, which "
+                             f"the Qwen chat and image format needs")
+        return int(found)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"HFTokenizer.encode: argument 'text' must be a str, got {type(text).__name__}")
+        return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, folder) -> None:
+        """Write the tokenizer files into ``folder`` (``save_pretrained``)."""
+        self.hf.save_pretrained(folder)
