@@ -236,7 +236,6 @@ def test_bad_key_in_a_subprocess_exits_2_with_one_clear_line():
     (["--config", "no/such/file.toml"], "config file no/such/file.toml does not exist"),
     (["--optimizer.lr=fast"], "config key 'optimizer.lr': expected float, got 'fast'"),
     (["--parallel.tp=2"], "config section 'parallel' on 1 rank(s): ParallelDims: dp_replicate*cp*tp*pp = 2"),
-    (["--model.dtype=bfloat16"], "config key 'model.dtype': bfloat16 is FSDP2's mixed precision"),
     (["--curriculum.stages.0.mixture={\"cockpit\": 1}"], "mixture prefix 'cockpit' matches no sample tag"),
     (["--data.max_tokens=64"], "raise max_tokens or set max_sample_tokens"),
     (["--curriculum.stages.0.steps"], "override '--curriculum.stages.0.steps': expected --key.sub=value"),
@@ -259,6 +258,21 @@ def test_unsupported_layouts_are_config_errors():
     with pytest.raises(ConfigError, match="'model.dtype': bfloat16 is FSDP2's mixed precision"):
         check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2, dp_shard=1, tp=2))
     check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2))
+    check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=1))  # autocast
+
+
+def test_single_process_bf16_is_autocast_with_fp32_weights(tmp_path):
+    """One process: model.dtype=bfloat16 runs the forward under torch.autocast; weights, gradients and optimizer
+    state stay fp32 and the first loss is the fp32 run's up to bf16 rounding."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = Trainer(config(tmp_path / dtype, *stages_override((1, {})), f"--model.dtype={dtype}"))
+        stage, batch = next(trainer.curriculum)
+        losses[dtype] = [trainer.train_step(stage, trainer.prepare(batch), lr=2e-3)["loss"] for _ in range(3)]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert trainer.autocast and all(math.isfinite(v) for v in losses["bfloat16"])
+    assert abs(losses["bfloat16"][0] - losses["float32"][0]) < 2e-2 * losses["float32"][0]
+    assert losses["bfloat16"] != losses["float32"]  # bf16 compute really happened
 
 
 def test_never_resume_refuses_existing_checkpoints_and_help_exits_0(tmp_path, capsys):

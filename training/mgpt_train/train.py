@@ -10,7 +10,7 @@ One run (every rank computes, rank 0 prints and writes the result files):
      a Hugging Face folder's shape, weights and tokenizer (``model.hf_checkpoint``, see ``mgpt_train.export``).
      ``model.init`` ("full", "sharded", "auto"; ``mgpt_train.initialization`` documents them): the whole seeded
      (or HF) model on every rank, then ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
-     ``model.dtype = "bfloat16"``, which therefore needs FSDP) -- or parallelized on the meta device and only
+     ``model.dtype = "bfloat16"``; one process autocasts to bf16 instead) -- or parallelized on the meta device and only
      this rank's shards materialised and filled (what a 30B model needs; seeded values then depend on the layout).
      Pipeline parallelism (``parallel.pp`` > 1, combined with ``dp_replicate`` / ``dp_shard`` / ``tp`` / ``ep``,
      not with cp / compile): ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (TP / EP /
@@ -128,9 +128,10 @@ def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
     if dims.pp > 1 and cfg.model.compile:
         raise ConfigError("config key 'model.compile': not applied to pipeline stages (parallel.pp > 1); set it "
                           "to false")
-    if cfg.model.dtype == "bfloat16" and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
+    if cfg.model.dtype == "bfloat16" and dims.world_size > 1 and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
         raise ConfigError("config key 'model.dtype': bfloat16 is FSDP2's mixed precision (bf16 compute, fp32 "
-                          "weights and reductions) and needs several data/context-parallel ranks; use float32")
+                          "weights and reductions) and needs several data/context-parallel ranks (or one process, "
+                          "where it is torch.autocast); use float32")
 
 
 def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device,
@@ -310,6 +311,8 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type) if self.world > 1 else None
         dp_rank, dp_size = (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if self.mesh else (0, 1)
         self.loss_group = self.mesh["dp_cp"].get_group() if self.mesh else None
+        # One process has no FSDP mixed precision: bf16 is autocast there (fp32 weights, optimizer and loss math).
+        self.autocast = cfg.model.dtype == "bfloat16" and self.world == 1
         self.split = self.dims.cp * self.dims.tp  # devices splitting one micro-batch's tokens
         self.share = self.split * self.dims.pp  # devices sharing one micro-batch's work
 
@@ -384,7 +387,8 @@ class Trainer:
                 group["lr"] = lr
         if self.pipeline is not None:
             return self._pipeline_step(batch)
-        out = self.model(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(batch)
         if self.loss_group is not None:
             from mgpt_train.parallelize import global_token_mean_loss
 
