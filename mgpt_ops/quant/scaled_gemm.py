@@ -38,10 +38,10 @@ from mgpt_ops._backend import choose_backend
 from mgpt_ops._checks import check_tensor
 
 OP = "scaled_mm"
-# An older build of mgpt_ops._C may lack the kernel's schema (the dispatcher cannot even be asked about it):
-# the C++ faces then do not exist in this process.
+# An older build of mgpt_ops._C may lack the kernel's schema: its fake is then not registered, and the C++ faces
+# are simply unavailable (mgpt_ops._backend.kernels_registered).
 _KERNEL_DECLARED = _ext.loaded() and hasattr(torch.ops.mgpt, "scaled_mm_kernel")
-FACES = ("reference", "triton") + (("cpu", "cuda") if _KERNEL_DECLARED else ())
+FACES = ("reference", "triton", "cpu", "cuda")
 # The cuda face is left out of the automatic choice until it has been verified on a GPU (module docstring).
 PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
 KERNELS = ("mgpt::scaled_mm_kernel",)  # what the cpu and cuda faces call (one op, dispatched by device)

@@ -43,10 +43,10 @@ GROUP_SIZES = (32, 64, 128)
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PACK = 8  # int4 codes per int32
 SYMMETRIC_ZERO = 8
-# An older build of mgpt_ops._C may lack the kernel's schema (the dispatcher cannot even be asked about it):
-# the cpu face then does not exist in this process.
+# An older build of mgpt_ops._C may lack the kernel's schema: its fake is then not registered, and the C++ faces
+# are simply unavailable (mgpt_ops._backend.kernels_registered).
 _KERNEL_DECLARED = _ext.loaded() and hasattr(torch.ops.mgpt, "w4a16_mm_kernel")
-_FACES = ("reference", "triton") + (("cpu",) if _KERNEL_DECLARED else ())
+_FACES = ("reference", "triton", "cpu")
 _PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
 _KERNELS = ("mgpt::w4a16_mm_kernel",)  # what the cpu face calls
 
