@@ -24,7 +24,8 @@ offsets[0] = 0, offsets non-decreasing, offsets[E] = M_total (empty experts, i.e
 
 Checks: dtypes, shapes and devices in the public wrappers (traceable). The VALUES of ``offsets`` are checked
 inside the op, which costs one copy of the E + 1 offsets to the host (a sync when they live on a GPU); the
-result is remembered for that tensor object and version (as ``vision.attention.check_cu_seqlens_values``), so
+result is remembered for that tensor object and version (``mgpt_ops._checks.offsets_summary``, shared with
+``cu_seqlens``), so
 the layers of one forward that share an ``offsets`` tensor pay it once. The Triton kernel never reads out of
 bounds whatever the offsets hold.
 
@@ -38,14 +39,13 @@ Inference only (not differentiable): the wrappers detach their inputs and the ou
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 
 from mgpt_ops import _ext
 from mgpt_ops._backend import available_backends, choose_backend
-from mgpt_ops._checks import check_tensor
+from mgpt_ops._checks import check_tensor, offsets_summary
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
@@ -106,33 +106,11 @@ def grouped_block_scaled_mm_reference(a, b, scale_a, scale_b, offsets, out_dtype
 # --------------------------------------------------------------------------------------------------------
 # Value checks of offsets (inside the op: they read tensor values)
 # --------------------------------------------------------------------------------------------------------
-_checked: dict[int, tuple] = {}  # id(offsets) -> (weakref, version, last offset)
-
-
 def check_offsets_values(offsets: torch.Tensor, m_total: int) -> None:
-    op = "grouped_block_scaled_mm"
-    key = id(offsets)
-    seen = _checked.get(key)
-    # Inference tensors keep no version counter (and can change in place inside inference mode): never cached.
-    version = None if offsets.is_inference() else offsets._version
-    if version is not None and seen is not None and seen[0]() is offsets and seen[1] == version:
-        last = seen[2]
-    else:
-        host = offsets.to("cpu", torch.int64)
-        where = f"mgpt.{op}: argument 'offsets'"
-        if host[0] != 0:
-            raise ValueError(f"{where} must start at 0 (cumulative row offsets [E + 1]), got {int(host[0])}")
-        steps = host[1:] - host[:-1]
-        if (steps < 0).any():
-            e = int(torch.nonzero(steps < 0)[0])
-            raise ValueError(f"{where} must be non-decreasing, got offsets[{e}]={int(host[e])} > "
-                             f"offsets[{e + 1}]={int(host[e + 1])}")
-        last = int(host[-1])
-        if version is not None:
-            _checked[key] = (weakref.ref(offsets, lambda _: _checked.pop(key, None)), version, last)
+    last, _ = offsets_summary("grouped_block_scaled_mm", "offsets", offsets)
     if last != m_total:
-        raise ValueError(f"mgpt.{op}: argument 'offsets' must end at M_total={m_total} (the rows of 'a'), "
-                         f"got {last}")
+        raise ValueError(f"mgpt.grouped_block_scaled_mm: argument 'offsets' must end at M_total={m_total} (the "
+                         f"rows of 'a'), got {last}")
 
 
 # --------------------------------------------------------------------------------------------------------

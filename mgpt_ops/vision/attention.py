@@ -35,13 +35,12 @@ object and version, so the blocks of a ViT forward sharing one ``cu_seqlens`` pa
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
 
 from mgpt_ops._backend import available_backends, choose_backend, kernels_registered
-from mgpt_ops._checks import check_same_dtype, check_tensor
+from mgpt_ops._checks import check_same_dtype, check_tensor, offsets_summary
 from mgpt_ops.vision._contract import attention_reference, rotate_half
 
 OP = "vision_attention"
@@ -124,9 +123,6 @@ def _backward_face(face: str):
 # --------------------------------------------------------------------------------------------------------
 # Value checks of cu_seqlens (inside the op: they read tensor values)
 # --------------------------------------------------------------------------------------------------------
-_checked: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref, version, last offset, longest sequence)
-
-
 def _capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -137,25 +133,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen:
     # both warm up first), where the same offsets were checked; during capture the check is skipped.
     if _capturing_cuda_graph():
         return
-    key = id(cu_seqlens)
-    seen = _checked.get(key)
-    # Inference tensors keep no version counter (and can change in place inside inference mode): never cached.
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    if version is not None and seen is not None and seen[0]() is cu_seqlens and seen[1] == version:
-        last, longest = seen[2], seen[3]
-    else:
-        offsets = cu_seqlens.to("cpu", torch.int64)
-        where = f"mgpt.{OP}: argument 'cu_seqlens'"
-        if offsets[0] != 0:
-            raise ValueError(f"{where} must start at 0, got {int(offsets[0])}")
-        lengths = offsets[1:] - offsets[:-1]
-        if (lengths < 0).any():
-            s = int(torch.nonzero(lengths < 0)[0])
-            raise ValueError(f"{where} must be non-decreasing, got cu_seqlens[{s}]={int(offsets[s])} > "
-                             f"cu_seqlens[{s + 1}]={int(offsets[s + 1])}")
-        last, longest = int(offsets[-1]), int(lengths.max()) if lengths.numel() else 0
-        if version is not None:
-            _checked[key] = (weakref.ref(cu_seqlens, lambda _: _checked.pop(key, None)), version, last, longest)
+    last, longest = offsets_summary(OP, "cu_seqlens", cu_seqlens)
     if last != n_tokens:
         raise ValueError(f"mgpt.{OP}: argument 'cu_seqlens' must end at N={n_tokens} (the tokens of q), got {last}")
     if longest > max_seqlen:
