@@ -25,8 +25,7 @@ offsets[0] = 0, offsets non-decreasing, offsets[E] = M_total (empty experts, i.e
 Checks: dtypes, shapes and devices in the public wrappers (traceable). The VALUES of ``offsets`` are checked
 inside the op, which costs one copy of the E + 1 offsets to the host (a sync when they live on a GPU); the
 result is remembered for that tensor object and version (``mgpt_ops._checks.offsets_summary``, shared with
-``cu_seqlens``), so
-the layers of one forward that share an ``offsets`` tensor pay it once. The Triton kernel never reads out of
+``cu_seqlens``), so the layers of one forward that share an ``offsets`` tensor pay it once. The Triton kernel never reads out of
 bounds whatever the offsets hold.
 
 Faces: ``reference`` (dequantise in float64, matmul -- the spec), ``triton`` (``block_gemm_triton.py``; the
