@@ -4,20 +4,15 @@ attention over the whole packed sequence: output and dq/dk/dv, packed samples wh
 chunks, grouped-query attention, samples of length 1. One spawn of 4 ranks runs every distributed case.
 """
 
-import datetime
-import json
 import math
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.parallel import (cp_attention, local_positions, make_cp_attention_fn, packed_causal_mask,
                                 shard_sequence, unshard_sequence)
 from mgpt_train.parallel_dims import ParallelDims
@@ -107,12 +102,6 @@ def test_attention_input_errors(change, match):
 
 # ----------------------------------------------------------------------------------- cp_attention (4 gloo ranks)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _case(case, group, seed: int) -> dict:
     name, cu_list, heads, kv_heads, head_dim, v_dim, scale = case
     cp_rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
@@ -146,37 +135,26 @@ def _case(case, group, seed: int) -> dict:
             "dtype_ok": out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
-        mesh = ParallelDims(world_size=WORLD, dp_shard=2, cp=2).build_mesh("cpu")
-        cp2_group = mesh["cp"].get_group()
-        result = {"cp_peers": sorted(dist.get_process_group_ranks(cp2_group)), "cases": {}}
-        for case in CASES:
-            result["cases"][f"cp4/{case[0]}"] = _case(case, dist.group.WORLD, seed=7)
-            # The two cp=2 groups get different data (seed from the dp_shard coordinate).
-            result["cases"][f"cp2/{case[0]}"] = _case(case, cp2_group, seed=11 + mesh["dp_shard"].get_local_rank())
-        try:  # 3 local tokens cannot be two equal chunks: T = 12 is not divisible by 2*cp = 8
-            cp_attention(torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4),
-                         torch.tensor([0, 12]), torch.arange(3), dist.group.WORLD)
-            result["odd_error"] = "no error"
-        except ValueError as exc:
-            result["odd_error"] = str(exc)
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    os._exit(0)  # skip destroy_process_group: it aborts now and then at exit
+def _rank_body(rank: int) -> dict:
+    mesh = ParallelDims(world_size=WORLD, dp_shard=2, cp=2).build_mesh("cpu")
+    cp2_group = mesh["cp"].get_group()
+    result = {"cp_peers": sorted(dist.get_process_group_ranks(cp2_group)), "cases": {}}
+    for case in CASES:
+        result["cases"][f"cp4/{case[0]}"] = _case(case, dist.group.WORLD, seed=7)
+        # The two cp=2 groups get different data (seed from the dp_shard coordinate).
+        result["cases"][f"cp2/{case[0]}"] = _case(case, cp2_group, seed=11 + mesh["dp_shard"].get_local_rank())
+    try:  # 3 local tokens cannot be two equal chunks: T = 12 is not divisible by 2*cp = 8
+        cp_attention(torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4),
+                     torch.tensor([0, 12]), torch.arange(3), dist.group.WORLD)
+        result["odd_error"] = "no error"
+    except ValueError as exc:
+        result["odd_error"] = str(exc)
+    return result
 
 
 @pytest.mark.distributed
 def test_cp_attention_matches_float64_reference_on_cp2_and_cp4(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert "error" not in result, result.get("error")
+    for rank, result in enumerate(run_on_gloo_ranks(_rank_body, WORLD, tmp_path)):
         assert result["cp_peers"] == [rank - rank % 2, rank - rank % 2 + 1]  # cp is the fast mesh dim
         assert "sequence length 12 is not divisible by 2*cp = 8" in result["odd_error"], result["odd_error"]
         assert len(result["cases"]) == 2 * len(CASES)

@@ -5,19 +5,14 @@ sharded behind ExpertParallelMoE against its own unsharded forward. Routing is u
 rank sends no token, some experts get none, and at ep=4 one rank receives none. One spawn runs every case.
 """
 
-import datetime
-import json
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.parallel import ExpertParallelMoE, all_to_all_tokens, expert_parallel_group, shard_experts
 from mgpt_train.parallel.expert_parallel import expert_parallel_blocks, expert_parallel_moe
 from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims
@@ -97,12 +92,6 @@ def test_wrapper_requires_compute():
 
 
 # ----------------------------------------------------------------------------------- 4 gloo ranks
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _inputs(ep: int, seed: int):
     """Every group rank's tokens and routing plus the shared weights (identical on all ranks of the group)."""
@@ -202,39 +191,28 @@ def _error(fn) -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
-        mesh = ParallelDims(world_size=WORLD, dp_shard=2, cp=2, ep=2).build_mesh("cpu")
-        ep4, ep2 = expert_parallel_group(mesh, 4), expert_parallel_group(mesh, 2)
-        result = {"ep2_peers": sorted(dist.get_process_group_ranks(ep2)),
-                  "ep4_peers": sorted(dist.get_process_group_ranks(ep4)),
-                  "ep4": _case(4, ep4, seed=3),
-                  "ep2": _case(2, ep2, seed=5 + rank // 2),  # the two ep=2 groups route different data
-                  "grouped_experts": _grouped_experts_case(ep4),
-                  "uneven_experts": _error(lambda: expert_parallel_moe(
-                      nn.Identity(), torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.rand(2, 1),
-                      num_experts=6, group=ep4)),
-                  "bad_expert_id": _error(lambda: expert_parallel_moe(
-                      nn.Identity(), torch.randn(2, 4), torch.full((2, 1), 8), torch.rand(2, 1), num_experts=8,
-                      group=ep4)),
-                  "bad_splits": _error(lambda: all_to_all_tokens(torch.randn(3, 2), [1, 2], [3, 0], group=ep4)),
-                  "bad_mesh_ep": _error(lambda: expert_parallel_group(mesh, 3))}
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    os._exit(0)  # skip destroy_process_group: it aborts now and then at exit
+def _rank_body(rank: int) -> dict:
+    mesh = ParallelDims(world_size=WORLD, dp_shard=2, cp=2, ep=2).build_mesh("cpu")
+    ep4, ep2 = expert_parallel_group(mesh, 4), expert_parallel_group(mesh, 2)
+    result = {"ep2_peers": sorted(dist.get_process_group_ranks(ep2)),
+              "ep4_peers": sorted(dist.get_process_group_ranks(ep4)),
+              "ep4": _case(4, ep4, seed=3),
+              "ep2": _case(2, ep2, seed=5 + rank // 2),  # the two ep=2 groups route different data
+              "grouped_experts": _grouped_experts_case(ep4),
+              "uneven_experts": _error(lambda: expert_parallel_moe(
+                  nn.Identity(), torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.rand(2, 1),
+                  num_experts=6, group=ep4)),
+              "bad_expert_id": _error(lambda: expert_parallel_moe(
+                  nn.Identity(), torch.randn(2, 4), torch.full((2, 1), 8), torch.rand(2, 1), num_experts=8,
+                  group=ep4)),
+              "bad_splits": _error(lambda: all_to_all_tokens(torch.randn(3, 2), [1, 2], [3, 0], group=ep4)),
+              "bad_mesh_ep": _error(lambda: expert_parallel_group(mesh, 3))}
+    return result
 
 
 @pytest.mark.distributed
 def test_expert_parallel_matches_dense_float64_on_ep2_and_ep4(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert "error" not in result, result.get("error")
+    for rank, result in enumerate(run_on_gloo_ranks(_rank_body, WORLD, tmp_path)):
         assert result["ep4_peers"] == [0, 1, 2, 3]
         assert result["ep2_peers"] == [rank - rank % 2, rank - rank % 2 + 1]  # consecutive dp_shard_cp ranks
         assert "num_experts=6 is not divisible by the expert-parallel group size 4" in result["uneven_experts"]

@@ -12,19 +12,13 @@ tokens; unit-scale random weights so that errors in masking or routing cannot hi
 """
 
 import dataclasses
-import datetime
-import json
-import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, mrope_position_ids
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.pipeline import build_pipeline, check_schedule, pad_microbatch, plan_stages, split_layers
@@ -209,12 +203,6 @@ CASES = [("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2)]
 LR = 0.1  # SGD: linear in the gradients (Adam's first step is sign(g) and would amplify 1e-7 noise)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_case(config, full, reference, steps, pp_mesh, schedule, virtual_stages) -> dict:
     pipe = build_pipeline(config, pp_mesh, schedule=schedule, n_microbatches=N_MICROBATCHES, seq_len=SEQ_LEN,
                           device="cpu", virtual_stages=virtual_stages, materialize=False)
@@ -244,76 +232,65 @@ def _run_case(config, full, reference, steps, pp_mesh, schedule, virtual_stages)
     return result
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+def _rank_body(rank: int) -> dict:
     torch.set_num_threads(1)  # two ranks on a few shared cores: more intra-op threads make every step far slower
     result = {"cases": {}, "errors": {}}
-    try:
-        torch.manual_seed(0)
-        pp_mesh = ParallelDims(world_size=WORLD, pp=WORLD).build_mesh("cpu")["pp"]
-        config = dense_config()
-        full = randomize(Qwen3VLModel(config), seed=1)
-        steps = [make_step(config, seed=10), make_step(config, seed=11)]
-        ref_model = randomize(Qwen3VLModel(config), seed=1)
-        reference = reference_steps(config, ref_model, steps, LR)
-        for schedule, virtual_stages in CASES:
-            result["cases"][f"{schedule}/v{virtual_stages}"] = _run_case(config, full, reference, steps, pp_mesh,
-                                                                         schedule, virtual_stages)
+    torch.manual_seed(0)
+    pp_mesh = ParallelDims(world_size=WORLD, pp=WORLD).build_mesh("cpu")["pp"]
+    config = dense_config()
+    full = randomize(Qwen3VLModel(config), seed=1)
+    steps = [make_step(config, seed=10), make_step(config, seed=11)]
+    ref_model = randomize(Qwen3VLModel(config), seed=1)
+    reference = reference_steps(config, ref_model, steps, LR)
+    for schedule, virtual_stages in CASES:
+        result["cases"][f"{schedule}/v{virtual_stages}"] = _run_case(config, full, reference, steps, pp_mesh,
+                                                                     schedule, virtual_stages)
 
-        # pp=1 (a 1-rank pipeline on each rank): two local stages, the tied head and embedding one Parameter.
-        single_mesh = ParallelDims(world_size=WORLD, pp=1).build_mesh("cpu")["pp"]
-        result["single_rank"] = _run_case(config, full, reference, steps, single_mesh, "Interleaved1F1B", 2)
+    # pp=1 (a 1-rank pipeline on each rank): two local stages, the tied head and embedding one Parameter.
+    single_mesh = ParallelDims(world_size=WORLD, pp=1).build_mesh("cpu")["pp"]
+    result["single_rank"] = _run_case(config, full, reference, steps, single_mesh, "Interleaved1F1B", 2)
 
-        moe = moe_config()
-        moe_full = randomize(Qwen3VLModel(moe), seed=2)
-        moe_steps = [make_step(moe, seed=20, fill_all=True), make_step(moe, seed=21, fill_all=True)]
-        moe_reference = reference_steps(moe, randomize(Qwen3VLModel(moe), seed=2), moe_steps, LR)
-        result["cases"]["moe/1F1B/v1"] = _run_case(moe, moe_full, moe_reference, moe_steps, pp_mesh, "1F1B", 1)
+    moe = moe_config()
+    moe_full = randomize(Qwen3VLModel(moe), seed=2)
+    moe_steps = [make_step(moe, seed=20, fill_all=True), make_step(moe, seed=21, fill_all=True)]
+    moe_reference = reference_steps(moe, randomize(Qwen3VLModel(moe), seed=2), moe_steps, LR)
+    result["cases"]["moe/1F1B/v1"] = _run_case(moe, moe_full, moe_reference, moe_steps, pp_mesh, "1F1B", 1)
 
-        def error_of(make) -> str:
-            try:
-                make()
-            except ValueError as exc:
-                return str(exc)
-            return "no error"
+    def error_of(make) -> str:
+        try:
+            make()
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
 
-        result["errors"]["layers"] = error_of(lambda: build_pipeline(
-            config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=4, seq_len=SEQ_LEN, device="cpu",
-            virtual_stages=4))
-        result["errors"]["microbatches"] = error_of(lambda: build_pipeline(
-            config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=3, seq_len=SEQ_LEN, device="cpu",
-            virtual_stages=2))
-        short = build_pipeline(config, pp_mesh, schedule="GPipe", n_microbatches=N_MICROBATCHES, seq_len=20,
-                               device="cpu")
-        result["errors"]["seq_len"] = error_of(lambda: short.step(steps[0]))
-        # materialize=True: the model's initialisation on each stage, the tied head copied from stage 0.
-        tied = (short.stage_modules[0].language_model.embed_tokens.weight if rank == 0
-                else short.stage_modules[0].lm_head.weight)
-        linear = short.stage_modules[0].language_model.layers[str(short.plans[0].layers[-1])].mlp.up_proj.weight
-        norm = short.stage_modules[0].language_model.layers[str(short.plans[0].layers[-1])].input_layernorm.weight
-        result["init"] = {"tied": tied.detach().double().pow(2).sum().item(), "std": linear.std().item(),
-                          "norm_ones": bool(norm.eq(1).all()), "meta": any(p.is_meta for p in short.parameters())}
-        result["errors"]["count"] = error_of(lambda: short.step(steps[0][:3]))
-        result["errors"]["type"] = error_of(lambda: short.step(steps[0][0]))
-        result["errors"]["pad"] = error_of(lambda: build_pipeline(
-            config, pp_mesh, n_microbatches=4, seq_len=SEQ_LEN, device="cpu", pad_token_id=config.image_token_id))
-        result["errors"]["seq_len_arg"] = error_of(lambda: build_pipeline(
-            config, pp_mesh, n_microbatches=4, seq_len=0, device="cpu"))
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    os._exit(0)  # skip destroy_process_group: it aborts now and then at exit
+    result["errors"]["layers"] = error_of(lambda: build_pipeline(
+        config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=4, seq_len=SEQ_LEN, device="cpu",
+        virtual_stages=4))
+    result["errors"]["microbatches"] = error_of(lambda: build_pipeline(
+        config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=3, seq_len=SEQ_LEN, device="cpu",
+        virtual_stages=2))
+    short = build_pipeline(config, pp_mesh, schedule="GPipe", n_microbatches=N_MICROBATCHES, seq_len=20,
+                           device="cpu")
+    result["errors"]["seq_len"] = error_of(lambda: short.step(steps[0]))
+    # materialize=True: the model's initialisation on each stage, the tied head copied from stage 0.
+    tied = (short.stage_modules[0].language_model.embed_tokens.weight if rank == 0
+            else short.stage_modules[0].lm_head.weight)
+    linear = short.stage_modules[0].language_model.layers[str(short.plans[0].layers[-1])].mlp.up_proj.weight
+    norm = short.stage_modules[0].language_model.layers[str(short.plans[0].layers[-1])].input_layernorm.weight
+    result["init"] = {"tied": tied.detach().double().pow(2).sum().item(), "std": linear.std().item(),
+                      "norm_ones": bool(norm.eq(1).all()), "meta": any(p.is_meta for p in short.parameters())}
+    result["errors"]["count"] = error_of(lambda: short.step(steps[0][:3]))
+    result["errors"]["type"] = error_of(lambda: short.step(steps[0][0]))
+    result["errors"]["pad"] = error_of(lambda: build_pipeline(
+        config, pp_mesh, n_microbatches=4, seq_len=SEQ_LEN, device="cpu", pad_token_id=config.image_token_id))
+    result["errors"]["seq_len_arg"] = error_of(lambda: build_pipeline(
+        config, pp_mesh, n_microbatches=4, seq_len=0, device="cpu"))
+    return result
 
 
 @pytest.mark.distributed
 def test_pipeline_schedules_match_single_process_training(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
-    for result in results:
-        assert "error" not in result, result.get("error")
+    results = run_on_gloo_ranks(_rank_body, WORLD, tmp_path)
     for case in results[0]["cases"]:
         config = moe_config() if case.startswith("moe") else dense_config()
         with torch.device("meta"):
