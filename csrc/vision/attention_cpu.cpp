@@ -40,11 +40,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MGPT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MGPT_SIMD_CLONES
-#endif
+#include "cpu_simd.h"
 
 namespace mgpt::vision {
 namespace {
