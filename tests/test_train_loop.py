@@ -7,7 +7,7 @@
 - freezing: parameters of a frozen part do not change during its stage and do change when it trains again; the
   learning rate follows each stage's warm-up + cosine schedule (recomputed here from the formula);
 - the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2 -- and
-  with 4 -- pp=2 x dp_shard=2 (pipeline stages sharded by FSDP2) -- exits 0 and its losses and gradient norms
+  with 4 -- pp=2 x dp_shard=2 (pipeline stages sharded by FSDP2), pp=2 x cp=2 -- exits 0 and its losses and gradient norms
   equal an unparallelized single-process reference trained on the same step data (for dp: the union of the data
   ranks' micro-batches, token-weighted mean loss);
 - bad command lines fail with one clear error line and exit status 2.
@@ -189,14 +189,16 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
 
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
 # (some empty); tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
-# pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages
+# pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
+# pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, layout, data_ranks", [
     (2, ["--parallel.dp_shard=2"], 2),
     (2, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=3"], 1),
     (2, ["--parallel.dp_shard=1", "--parallel.tp=2"], 1),
     (4, ["--parallel.dp_shard=2", "--parallel.pp=2", "--parallel.pp_microbatches=2"], 2),
-], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2"])
+    (4, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.cp=2", "--parallel.pp_microbatches=2"], 1),
+], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2", "pipeline_pp2_context_cp2"])
 def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), *layout, "--optimizer.grad_clip=0.5",
                  f"--output_dir={tmp_path}"]
@@ -247,13 +249,10 @@ def test_bad_configuration_is_reported(tmp_path, capsys, argv, message):
 
 
 def test_unsupported_layouts_are_config_errors():
-    with pytest.raises(ConfigError, match="pipeline parallelism \\(pp=2\\) combines with dp_replicate, dp_shard, "
-                                          "tp and ep, not with context parallelism \\(cp=2\\)"):
-        check_layout(load_config(), ParallelDims(world_size=4, pp=2, dp_shard=1, cp=2))
     with pytest.raises(ConfigError, match="'model.compile': not applied to pipeline stages"):
         check_layout(load_config(None, ["--model.compile=true"]), ParallelDims(world_size=4, pp=2))
     for dims in (ParallelDims(world_size=8, pp=2, dp_replicate=2), ParallelDims(world_size=8, pp=2, tp=2),
-                 ParallelDims(world_size=8, pp=2, ep=2)):
+                 ParallelDims(world_size=8, pp=2, ep=2), ParallelDims(world_size=8, pp=2, cp=2)):
         check_layout(load_config(), dims)
     with pytest.raises(ConfigError, match="'model.dtype': bfloat16 is FSDP2's mixed precision"):
         check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2, dp_shard=1, tp=2))

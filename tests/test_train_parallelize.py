@@ -22,7 +22,11 @@ copy on the last stage; one data rank's micro-batch without images while the oth
 tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
 exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary), and pp=2 x dp_shard=2 x
 ep=2 (MoE layers on the last stage: the aux-loss gradient, experts split over the data ranks; the logged loss is
-the cross-entropy, as a pipeline returns it). Bad configurations raise clear errors. One spawn per world size runs all its layouts.
+the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context shards crossing
+the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp inside the
+last stage); 8 ranks -- pp=2 x cp=2 x tp=2 x ep=2 and dp_shard=2 x pp=2 x cp=2 x ep=2; 16 ranks -- all five
+at once, dp_shard=2 x pp=2 x cp=2 x tp=2 with ep=2 folded into dp_shard x cp. Bad configurations raise clear
+errors. One spawn per world size runs all its layouts.
 """
 
 import dataclasses
@@ -91,7 +95,12 @@ LAYOUTS = {
         ("pp2_dp_shard2_ac", dict(pp=2, dp_shard=2), dense_config, dict(activation_checkpointing=True)),
         ("pp2_tp2_untied_head", dict(pp=2, dp_shard=1, tp=2), untied_config, {}),
         ("pp2_tp2_tied_head", dict(pp=2, dp_shard=1, tp=2), dense_config, {}),
-        ("pp2_dp_shard2_ep2_moe", dict(pp=2, dp_shard=2, ep=2), last_stage_moe_config, {})],
+        ("pp2_dp_shard2_ep2_moe", dict(pp=2, dp_shard=2, ep=2), last_stage_moe_config, {}),
+        ("pp2_cp2", dict(pp=2, dp_shard=1, cp=2), dense_config, dict(activation_checkpointing=True)),
+        ("pp2_cp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, ep=2), last_stage_moe_config, {})],
+    8: [("pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, tp=2, ep=2), last_stage_moe_config, {}),
+        ("dp_shard2_pp2_cp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, ep=2), last_stage_moe_config, {})],
+    16: [("dp_shard2_pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, tp=2, ep=2), last_stage_moe_config, {})],
 }
 
 
@@ -309,8 +318,9 @@ def pipeline_bad_configs(world: int) -> dict[str, str]:
         pipe = build_pipeline(dense, mesh["pp"], n_microbatches=2, seq_len=seq_len, device="cpu", materialize=False)
         return lambda: parallelize_pipeline(pipe, dims, mesh, mixed_precision=mixed_precision)
 
-    return {"cp": _error(attempt(dp_shard=1, cp=2)), "seq_len": _error(attempt(seq_len=47, dp_shard=1, tp=2)),
-            "bf16": _error(attempt(dp_shard=2, mixed_precision="bf16"))}
+    return {"seq_len_tp": _error(attempt(seq_len=47, dp_shard=1, tp=2)),
+            "seq_len_cp": _error(attempt(seq_len=46, dp_shard=1, cp=2)),
+            "bf16": _error(attempt(dp_shard=1, cp=2, mixed_precision="bf16"))}
 
 
 def meta_device_step(world: int) -> dict:
@@ -364,7 +374,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if world == 2:
             result["meta"] = meta_device_step(world)
             result["errors"] = bad_configs(world)
-        else:
+        elif world == 4:
             result["errors"] = pipeline_bad_configs(world)
     except Exception:  # reported to the parent, which fails the test with it
         result = {"error": traceback.format_exc()}
@@ -423,6 +433,18 @@ def test_four_ranks_hsdp_cp_tp_dp_cp_ep_and_pipeline_compositions_match_single_p
     results = _spawn(4, tmp_path)
     _check_layouts(results[0], 4)
     errors = results[0]["errors"]
-    assert "composes pp > 1 with dp_replicate, dp_shard, tp and ep; got pp=2, cp=2" in errors["cp"], errors
-    assert "seq_len 47 must be divisible by tp=2" in errors["seq_len"], errors
+    assert "the pipeline's seq_len 47 must be divisible by 2*cp = 2 and by cp*tp = 2" in errors["seq_len_tp"], errors
+    assert "the pipeline's seq_len 46 must be divisible by 2*cp = 4 and by cp*tp = 2" in errors["seq_len_cp"], errors
     assert "build the pipeline with activation_dtype=torch.bfloat16, got torch.float32" in errors["bf16"], errors
+
+
+@pytest.mark.distributed
+def test_eight_ranks_pipeline_with_context_tensor_expert_and_sharded_data_parallelism_match_single_process(tmp_path):
+    results = _spawn(8, tmp_path)
+    _check_layouts(results[0], 8)
+
+
+@pytest.mark.distributed
+def test_sixteen_ranks_all_five_dimensions_match_single_process(tmp_path):
+    results = _spawn(16, tmp_path)
+    _check_layouts(results[0], 16)

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -71,8 +70,8 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
     return it. Every rank calls it with the same (identically initialised) model. Order (torchtitan's):
 
         0. PP: with pp > 1 the model is split into pipeline stages FIRST (``build_pipeline(..., materialize=False)``)
-           and ``parallelize_pipeline`` applies steps 1, 3, 4 and 5 to every stage module (CP is not composed with
-           PP: a ValueError names the combination). This function takes the whole model: pp must be 1.
+           and ``parallelize_pipeline`` applies steps 1 to 5 to every stage module. This function takes the whole
+           model: pp must be 1.
         1. TP + sequence parallel (mesh "tp"): q/k/v/gate/up colwise, o/down rowwise with sequence-sharded
            outputs, RMSNorms sequence-parallel (q_norm/k_norm shard over heads), embedding rowwise (vocabulary),
            the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. The
@@ -126,55 +125,52 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
 
 def parallelize_pipeline(pipe: Pipeline, parallel_dims: ParallelDims, mesh: ParallelMesh, *,
                          mixed_precision: str = "bf16", activation_checkpointing: bool = False) -> Pipeline:
-    """Parallelize every stage module of ``pipe`` in place (steps 1, 3, 4 and 5 of ``parallelize_qwen3_vl``, in
-    that order) and return it; then load the weights with ``pipe.load_full_state_dict`` (or ``pipe.init_weights``).
+    """Parallelize ``pipe`` in place and return it: the token layout of steps 1 and 2 of ``parallelize_qwen3_vl``
+    (``Pipeline.shard_tokens``), then steps 1, 3, 4 and 5 on every stage module, in that order; then load the weights with ``pipe.load_full_state_dict`` (or ``pipe.init_weights``).
     ``pipe`` = ``build_pipeline(config, mesh["pp"], ..., materialize=False)`` on every rank, with
     ``activation_dtype=torch.bfloat16`` under bf16 mixed precision (the dtype that flows between stages).
 
-    Inside a stage under tp, the decoder runs on this rank's sequence piece (``sequence_piece``: the tp split of
-    the stage's input and of each DeepStack tap) and the stage's output is gathered back (``whole_sequence``), so
-    the tensors exchanged between stages stay plain full [1, seq_len, ...] tensors; the last stage computes
-    the log-probabilities with the vocabulary-parallel head (``fused_linear_logprobs(process_group=tp)``).
-    seq_len must be divisible by tp. Under FSDP the first stage runs the vision tower on every micro-batch (a
-    blank image block, times 0, when it has none), so every data rank runs the same collectives.
-    Loss: FSDP averages gradients over the N = dp_replicate x dp_shard ranks, so ``Pipeline.step`` multiplies its
-    backward loss by N (``pipe.data_parallel_ranks``); pass the label tokens of all N ranks as ``global_tokens``
-    and sum the returned losses over them (``Trainer._pipeline_step``). Gradient clipping: ``clip_gradients`` of
-    mgpt_train.train sums the squared norms of the DTensor gradients per mesh, then over the pp ranks.
-    MoE: the aux loss is the pipeline's (``mgpt_train.pipeline``), averaged over the data ranks by FSDP.
-    Not composed with PP (ValueError): cp > 1 (stages would have to exchange context shards of the sequence)."""
+    Token layout (``Pipeline.shard_tokens``, detailed in mgpt_train.pipeline): under cp the first stage keeps
+    this rank's load-balanced context shard, stages exchange [1, seq_len / cp, ...] shards and attention
+    all-gathers K/V over cp (``make_cp_attention_fn``); under tp the decoder runs on this rank's sequence piece
+    of the shard (``sequence_piece``: the tp split of the stage's input and of each DeepStack tap) and the
+    stage's output is gathered back (``whole_sequence``); the last stage computes the log-probabilities of the
+    shard's labels with the vocabulary-parallel head (``fused_linear_logprobs(process_group=tp)``). seq_len
+    must be divisible by 2*cp and seq_len / cp by tp. Under FSDP the first stage runs the vision tower on every
+    micro-batch (a blank image block, times 0, when it has none), so every data rank runs the same collectives.
+    Loss: FSDP averages gradients over the N = dp_replicate x dp_shard x cp ranks, so ``Pipeline.step``
+    multiplies its backward loss by N (``pipe.data_parallel_ranks``); pass the label tokens of all data ranks'
+    micro-batches as ``global_tokens`` and sum the returned losses over the N ranks (``Trainer._pipeline_step``).
+    Gradient clipping: ``clip_gradients`` of mgpt_train.train sums the squared norms of the DTensor gradients per
+    mesh, then over the pp ranks. MoE: the aux loss is the pipeline's (``mgpt_train.pipeline``) with the router
+    statistics summed over cp, averaged over the data ranks by FSDP."""
     _check_arguments("parallelize_pipeline", parallel_dims, mesh, mixed_precision)
-    if parallel_dims.pp == 1 or parallel_dims.cp > 1:
-        raise ValueError(f"parallelize_pipeline: composes pp > 1 with dp_replicate, dp_shard, tp and ep; got "
-                         f"pp={parallel_dims.pp}, cp={parallel_dims.cp} (pp=1: use parallelize_qwen3_vl; context "
-                         f"parallelism is not composed with pipeline stages)")
+    if parallel_dims.pp == 1:
+        raise ValueError("parallelize_pipeline: needs pp > 1 (pp=1: use parallelize_qwen3_vl)")
     if pipe.pp_size != parallel_dims.pp:
         raise ValueError(f"parallelize_pipeline: 'pipe' runs over {pipe.pp_size} pp ranks but parallel_dims say "
                          f"pp={parallel_dims.pp}; build it over mesh['pp']")
     text = pipe.config.text
     parallel_dims.check_model(num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
                               num_experts=text.num_experts if pipe.config.is_moe else None)
-    if pipe.seq_len % parallel_dims.tp:
-        raise ValueError(f"parallelize_pipeline: the pipeline's seq_len {pipe.seq_len} must be divisible by "
-                         f"tp={parallel_dims.tp} (sequence-parallel pieces inside each stage)")
-    data_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard
-    if data_ranks > 1 and mixed_precision == "bf16" and pipe.activation_dtype != torch.bfloat16:
+    fsdp_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
+    if fsdp_ranks > 1 and mixed_precision == "bf16" and pipe.activation_dtype != torch.bfloat16:
         raise ValueError(f"parallelize_pipeline: bf16 mixed precision sends bf16 activations between stages; build "
                          f"the pipeline with activation_dtype=torch.bfloat16, got {pipe.activation_dtype}")
     tp_mesh = mesh["tp"] if parallel_dims.tp > 1 else None
+    pipe.shard_tokens(mesh["cp"].get_group() if parallel_dims.cp > 1 else None, tp_mesh)  # checks seq_len
     ep_mesh, expert_dp_mesh = expert_meshes(mesh, parallel_dims.ep) if parallel_dims.ep > 1 else (None, None)
     for module in pipe.stage_modules:
         if tp_mesh is not None:
             apply_tensor_parallel(module, tp_mesh)
-            module.tp_mesh = tp_mesh
         if ep_mesh is not None:
             apply_expert_parallel(module, ep_mesh)
         if activation_checkpointing:
             apply_activation_checkpointing(module)
-        if data_ranks > 1:
+        if fsdp_ranks > 1:
             apply_fsdp(module, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
             module.vision_every_microbatch = True  # same FSDP collectives on every data rank
-    pipe.data_parallel_ranks = data_ranks
+    pipe.data_parallel_ranks = fsdp_ranks
     return pipe
 
 
@@ -224,11 +220,11 @@ class DecoderTokenLayout:
     def sharded(self) -> bool:
         return self.cp_size > 1 or self.tp_size > 1
 
-    def check_length(self, seq_len: int) -> None:
+    def check_length(self, seq_len: int, what: str = "parallelize_qwen3_vl: packed sequence length") -> None:
         if seq_len % (2 * self.cp_size) or (seq_len // self.cp_size) % self.tp_size:
-            raise ValueError(f"parallelize_qwen3_vl: packed sequence length {seq_len} must be divisible by 2*cp = "
-                             f"{2 * self.cp_size} and by cp*tp = {self.cp_size * self.tp_size} (load-balanced context "
-                             f"chunks, then tp sequence pieces); pad it with pad_packed_batch")
+            raise ValueError(f"{what} {seq_len} must be divisible by 2*cp = {2 * self.cp_size} and by cp*tp = "
+                             f"{self.cp_size * self.tp_size} (load-balanced context chunks, then tp sequence pieces); "
+                             f"pad it with pad_packed_batch")
 
     def cp_shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x if self.cp_size == 1 else shard_sequence(x, dim, self.cp_rank, self.cp_size)
@@ -257,16 +253,35 @@ class DecoderTokenLayout:
         hidden, router_stats = output
         if isinstance(hidden, DTensor):  # the tp-sequence-parallel final norm
             hidden = whole_sequence(hidden, self.tp_mesh)
-        if self.cp_size > 1:
-            router_stats = [self._sum_over_cp(stats) for stats in router_stats]
-        return hidden, router_stats
+        return hidden, [self.sum_over_cp(stats) for stats in router_stats]
 
-    def _sum_over_cp(self, stats: RouterStats) -> RouterStats:
+    def sum_over_cp(self, stats: RouterStats) -> RouterStats:
+        """One MoE layer's router statistics of the whole sequence (summed over the cp ranks)."""
+        if self.cp_size == 1:
+            return stats
         counts = stats.counts.clone()
         dist.all_reduce(counts, group=self.cp_group)
         # Differentiable all-reduce: every cp rank's aux loss depends on every rank's router probabilities.
-        prob_sum = dist_autograd.all_reduce(stats.prob_sum, group=self.cp_group)
+        prob_sum = _SumOverGroup.apply(stats.prob_sum, self.cp_group)
         return RouterStats(counts, prob_sum, stats.rows * self.cp_size)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) with autograd: y = sum_r x_r on every rank, so dL/dx_r = sum over ranks of dL_r/dy (torch's
+    ``torch.distributed.nn.functional.all_reduce``, deprecated since 2.13, does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def idle_vision(model: Qwen3VLModel | PipelineStageModule) -> torch.Tensor:

@@ -39,12 +39,16 @@ Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps 
 the two ranks (a point-to-point exchange), so both copies stay equal under any optimizer. On one rank the two
 stages share the Parameter.
 
-Composition with TP, EP and FSDP2 / HSDP: ``build_pipeline(..., materialize=False)`` (meta device), then
-``mgpt_train.parallelize.parallelize_pipeline`` (TP / EP / activation checkpointing / ``fully_shard`` per stage
-module, in place; it documents the order), then ``pipe.load_full_state_dict`` (full tensors, distributed onto the
-DTensor parameters) or ``pipe.init_weights()``. Under tp a stage runs its decoder layers on its sequence piece
-(``tp_mesh``) and gathers the whole sequence at its end, so stages still exchange plain full tensors. Set
-``activation_dtype`` to what flows between stages (bf16 under an FSDP bf16 param policy).
+Composition with CP, TP, EP and FSDP2 / HSDP: ``build_pipeline(..., materialize=False)`` (meta device), then
+``mgpt_train.parallelize.parallelize_pipeline`` (CP / TP / EP / activation checkpointing / ``fully_shard`` per
+stage module, in place; it documents the order), then ``pipe.load_full_state_dict`` (full tensors, distributed
+onto the DTensor parameters) or ``pipe.init_weights()``. The token layout (``Pipeline.shard_tokens``): under cp
+the first stage keeps this rank's load-balanced context shard of the embeddings and DeepStack taps (chunks r and
+2cp-1-r of 2cp, ``mgpt_train.parallel.shard_sequence``), so stages exchange [1, seq_len / cp, ...] shards, every
+stage rotates with the MRoPE positions of its shard, attention all-gathers K/V over cp, the last stage scores
+the shard's labels and the MoE router statistics are summed over cp. Under tp a stage runs its decoder layers on
+its sequence piece of that shard and gathers it back at its end, so stages exchange plain tensors, identical on
+the tp ranks. Set ``activation_dtype`` to what flows between stages (bf16 under an FSDP bf16 param policy).
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ from mgpt_train.model.language import TextAttention, mrope_cos_sin
 from mgpt_train.model.moe import load_balancing_loss
 from mgpt_train.model.positions import mrope_position_ids
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights
-from mgpt_train.parallelize import idle_vision, sequence_piece, whole_sequence
+from mgpt_train.parallel import make_cp_attention_fn
+from mgpt_train.parallelize import DecoderTokenLayout, idle_vision, sequence_piece, whole_sequence
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -250,15 +255,17 @@ class PipelineStageModule(nn.Module):
         local_moe = sum(i in plan.layers for i in moe_layers)
         self.aux_weight = (full.config.text.router_aux_loss_coef * local_moe / len(moe_layers)) if local_moe else 0.0
         self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
-        self.tp_mesh = None  # set by parallelize_pipeline: the decoder then runs on tp sequence pieces
+        self.tokens = DecoderTokenLayout(None, None)  # Pipeline.shard_tokens: cp shards, tp sequence pieces
         # Set by parallelize_pipeline under FSDP: the vision tower runs on every micro-batch (idle_vision).
         self.vision_every_microbatch = False
 
     def _piece(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp_mesh is None else sequence_piece(x, self.tp_mesh)
+        tp_mesh = self.tokens.tp_mesh
+        return x if tp_mesh is None else sequence_piece(x, tp_mesh)
 
     def _whole(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp_mesh is None else whole_sequence(x, self.tp_mesh)
+        tp_mesh = self.tokens.tp_mesh
+        return x if tp_mesh is None else whole_sequence(x, tp_mesh)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when this one stage holds both (``to_empty`` unties them)."""
@@ -266,7 +273,8 @@ class PipelineStageModule(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     def _first_stage_inputs(self, input_ids: torch.Tensor, mb: PaddedMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [T, H] with the image features at the image rows, all DeepStack taps [k, T, H])."""
+        """(embeddings [T, H] with the image features at the image rows, all DeepStack taps [k, T, H]), of the
+        whole sequence: ``forward`` keeps this rank's context shard."""
         hidden = self.language_model.embed_tokens(input_ids.reshape(-1))
         taps = self.plan.deepstack_taps
         pending = hidden.new_zeros(taps, *hidden.shape)
@@ -285,12 +293,15 @@ class PipelineStageModule(nn.Module):
     def forward(self, *activations: torch.Tensor, microbatch: torch.Tensor):
         plan = self.plan
         mb = self.microbatches[int(microbatch.reshape(-1)[0])]
+        tokens = self.tokens
         if plan.is_first:
             hidden, pending = self._first_stage_inputs(activations[0], mb)
-        else:
+            hidden, pending = tokens.cp_shard(hidden, 0), tokens.cp_shard(pending, 1)
+        else:  # the previous stage sent this rank's context shard
             hidden = activations[0][0]
             pending = activations[1][0] if plan.pending_in else None
-        cos, sin = mrope_cos_sin(mb.position_ids, self.config.text, hidden.dtype)  # all T rows (tp gathers q/k)
+        # every row of the context shard (tp gathers q and k before rotating them)
+        cos, sin = mrope_cos_sin(tokens.cp_shard(mb.position_ids, 1), self.config.text, hidden.dtype)
         hidden = self._piece(hidden)
         router_stats = []
         for index in plan.layers:
@@ -301,6 +312,7 @@ class PipelineStageModule(nn.Module):
                 # Zeros outside the image rows: the same sum as the model's index_add at those rows.
                 hidden = hidden + self._piece(pending[index - plan.layers.start])  # from this stage's first layer
         if router_stats and self.aux_weight:
+            router_stats = [tokens.sum_over_cp(stats) for stats in router_stats]  # the whole sequence's statistics
             aux = load_balancing_loss(router_stats, self.config.text.num_experts)
             hidden = _AttachAuxLoss.apply(hidden, aux * (self.aux_weight / len(self.microbatches)))
         if plan.is_last:
@@ -312,25 +324,27 @@ class PipelineStageModule(nn.Module):
         return _batched(hidden)
 
     def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
-        """Per-token log-probability of the label [1, T] (0 on unlabelled rows); the head runs on labelled rows (on
-        its local vocabulary shard with the tp group under tp)."""
-        rows = mb.label_rows
-        group = self.tp_mesh.get_group() if self.tp_mesh is not None else None
-        logprobs, _ = fused_linear_logprobs(hidden[rows], _local(self.lm_head.weight), mb.labels[rows],
-                                            ignore_index=IGNORE_INDEX, return_entropy=False, process_group=group)
+        """Per-token log-probability of the label [1, T / cp] over this rank's context shard (0 on unlabelled
+        rows); the head runs on labelled rows (on its local vocabulary shard with the tp group under tp)."""
+        labels = self.tokens.cp_shard(mb.labels, 0)
+        rows = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        logprobs, _ = fused_linear_logprobs(hidden[rows], _local(self.lm_head.weight), labels[rows],
+                                            ignore_index=IGNORE_INDEX, return_entropy=False,
+                                            process_group=self.tokens.tp_group)
         return logprobs.new_zeros(1, hidden.shape[0]).index_copy(1, rows, logprobs[None])
 
 
-def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: torch.dtype
+def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: torch.dtype, input_len: int
                       ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """(inputs, outputs) of a stage as meta tensors: the static shapes that spare the schedule a trial forward."""
+    """(inputs, outputs) of a stage as meta tensors: the static shapes that spare the schedule a trial forward.
+    ``seq_len``: the tokens of the activations (a context shard), ``input_len``: of the first stage's input ids."""
     def activation(pending: int) -> tuple[torch.Tensor, ...]:
         hidden = torch.empty(1, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
         if not pending:
             return (hidden,)
         return hidden, torch.empty(1, pending, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
 
-    inputs = ((torch.empty(1, seq_len, dtype=torch.int64, device="meta"),) if plan.is_first
+    inputs = ((torch.empty(1, input_len, dtype=torch.int64, device="meta"),) if plan.is_first
               else activation(plan.pending_in))
     outputs = ((torch.empty(1, seq_len, dtype=torch.float32, device="meta"),) if plan.is_last
                else activation(plan.pending_out))
@@ -378,16 +392,9 @@ class Pipeline:
             full = Qwen3VLModel(config)
         self.stage_modules = [PipelineStageModule(plan, full) for plan in self.plans]
         self._tie_local_stages()
-
-        stages = []
-        for plan, module in zip(self.plans, self.stage_modules):
-            inputs, outputs = _activation_metas(plan, seq_len, config.text.hidden_size, activation_dtype)
-            stages.append(PipelineStage(module, plan.index, plan.num_stages, self.device, input_args=inputs,
-                                        output_args=outputs, group=self.pp_group))
-        schedule_class = SCHEDULES[schedule]
-        # The loss is already divided by the step's token count: no further scaling by the micro-batch count.
-        stage_arg = stages if schedule == "Interleaved1F1B" else stages[0]
-        self.schedule = schedule_class(stage_arg, n_microbatches, loss_fn=self._loss, scale_grads=False)
+        self.tokens = DecoderTokenLayout(None, None)  # shard_tokens: context shards and tp sequence pieces
+        self.schedule_name = schedule
+        self._schedule = None  # built by the first step, once the token layout (the shapes exchanged) is final
         self._loss_scale = 1.0
 
         # Tied head and embedding on two ranks: each holds a copy, the pair exchanges values and gradients.
@@ -396,6 +403,34 @@ class Pipeline:
         self._tied_peer = None
         if config.tie_word_embeddings and first.rank != last.rank and pp_rank in (first.rank, last.rank):
             self._tied_peer = dist.get_global_rank(self.pp_group, last.rank if self._tied_is_source else first.rank)
+
+    def shard_tokens(self, cp_group, tp_mesh) -> None:
+        """Run the decoder on context shards over ``cp_group`` and tp sequence pieces over ``tp_mesh`` (either may be
+        None; see the module docstring). Called by ``parallelize_pipeline`` before the first step."""
+        if self._schedule is not None:
+            raise RuntimeError("Pipeline.shard_tokens: call it before the first step (the schedule's buffers have "
+                               "the shapes of the current layout)")
+        tokens = DecoderTokenLayout(cp_group, tp_mesh)
+        tokens.check_length(self.seq_len, "parallelize_pipeline: the pipeline's seq_len")
+        self.tokens = tokens
+        for module in self.stage_modules:
+            module.tokens = tokens
+        if cp_group is not None:
+            self.set_attention_fn(make_cp_attention_fn(cp_group))
+
+    def _build_schedule(self):
+        """The schedule over this rank's stages; each exchanges [1, seq_len / cp, ...] activations."""
+        local_len = self.seq_len // self.tokens.cp_size
+        stages = []
+        for plan, module in zip(self.plans, self.stage_modules):
+            inputs, outputs = _activation_metas(plan, local_len, self.config.text.hidden_size, self.activation_dtype,
+                                                input_len=self.seq_len)
+            stages.append(PipelineStage(module, plan.index, plan.num_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.pp_group))
+        # The loss is already divided by the step's token count: no further scaling by the micro-batch count.
+        interleaved = self.schedule_name == "Interleaved1F1B"
+        return SCHEDULES[self.schedule_name](stages if interleaved else stages[0], self.n_microbatches,
+                                             loss_fn=self._loss, scale_grads=False)
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -506,7 +541,8 @@ class Pipeline:
         step's loss, sum over label tokens of -log p / N, on the rank holding the last stage (None elsewhere).
         N = the step's label tokens, or ``global_tokens`` (the label tokens summed over the data-parallel ranks;
         then the returned loss is this rank's share and the backward loss is multiplied by
-        ``data_parallel_ranks``, whose gradients FSDP averages)."""
+        ``data_parallel_ranks``, whose gradients FSDP averages). Under cp each rank scores its context shard's
+        labels: the returned loss is the shard's share, to be summed over the cp (and data-parallel) ranks."""
         if not isinstance(microbatches, (list, tuple)) or len(microbatches) != self.n_microbatches:
             got = (f"{len(microbatches)} of them" if isinstance(microbatches, (list, tuple))
                    else type(microbatches).__name__)
@@ -519,11 +555,14 @@ class Pipeline:
         for module in self.stage_modules:
             module.microbatches = padded
         args = (torch.stack([mb.input_ids for mb in padded]),) if self.has_first_stage else ()
-        target = torch.stack([mb.labels for mb in padded]) if self.has_last_stage else None
+        target = (torch.stack([self.tokens.cp_shard(mb.labels, 0) for mb in padded]) if self.has_last_stage
+                  else None)
         losses = [] if self.has_last_stage else None
+        if self._schedule is None:
+            self._schedule = self._build_schedule()
         try:
             # The index stays on the host: each stage reads it with int() and must not wait on the device.
-            self.schedule.step(*args, target=target, losses=losses, microbatch=torch.arange(self.n_microbatches))
+            self._schedule.step(*args, target=target, losses=losses, microbatch=torch.arange(self.n_microbatches))
         finally:
             for module in self.stage_modules:
                 module.microbatches = []

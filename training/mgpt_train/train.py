@@ -12,9 +12,9 @@ One run (every rank computes, rank 0 prints and writes the result files):
      (or HF) model on every rank, then ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
      ``model.dtype = "bfloat16"``; one process autocasts to bf16 instead) -- or parallelized on the meta device and only
      this rank's shards materialised and filled (what a 30B model needs; seeded values then depend on the layout).
-     Pipeline parallelism (``parallel.pp`` > 1, combined with ``dp_replicate`` / ``dp_shard`` / ``tp`` / ``ep``,
-     not with cp / compile): ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (TP / EP /
-     AC / FSDP2 per stage), then the same seeded weights loaded into them; each step's micro-batch is split by whole
+     Pipeline parallelism (``parallel.pp`` > 1, combined with any of the other degrees, not with compile):
+     ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (CP / TP / EP / AC / FSDP2 per
+     stage), then the same seeded weights loaded into them; each step's micro-batch is split by whole
      samples into ``parallel.pp_microbatches`` pipeline micro-batches (sharded init: the stages' shards are
      filled as above, with a tied head drawing the embedding's numbers), so the step, its loss and the curriculum
      are those of one process (of the data-parallel ranks' micro-batches together).
@@ -120,11 +120,7 @@ def make_encoder(cfg: TrainConfig, model_config, tokenizer: ByteTokenizer) -> Sa
 
 
 def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
-    """ConfigErrors for what this trainer does not combine: pipeline stages with cp / compile, bf16 without
-    FSDP."""
-    if dims.pp > 1 and dims.cp > 1:
-        raise ConfigError(f"config section 'parallel': pipeline parallelism (pp={dims.pp}) combines with "
-                          f"dp_replicate, dp_shard, tp and ep, not with context parallelism (cp={dims.cp})")
+    """ConfigErrors for what this trainer does not combine: pipeline stages with compile, bf16 without FSDP."""
     if dims.pp > 1 and cfg.model.compile:
         raise ConfigError("config key 'model.compile': not applied to pipeline stages (parallel.pp > 1); set it "
                           "to false")
@@ -166,7 +162,7 @@ def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device
 def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device, dims: ParallelDims, mesh):
     """``mgpt_train.pipeline`` stages parallelized by ``parallelize_pipeline`` and loaded with the seeded model's
     weights (those of a single-process run): 1F1B when there are at least pp micro-batches, else GPipe; every
-    micro-batch padded to the largest stage token budget (rounded up to a multiple of tp)."""
+    micro-batch padded to the largest stage token budget (rounded up to a multiple of 2 x cp x tp)."""
     from mgpt_train.parallelize import parallelize_pipeline
     from mgpt_train.pipeline import build_pipeline
 
@@ -175,7 +171,8 @@ def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.de
     count, bf16 = cfg.parallel.pp_microbatches, cfg.model.dtype == "bfloat16"
     seq_len = max(s.max_tokens for s in cfg.curriculum_stages())
     pipe = build_pipeline(config, mesh["pp"], schedule="1F1B" if count >= dims.pp else "GPipe",
-                          n_microbatches=count, seq_len=seq_len + -seq_len % dims.tp, device=device,
+                          n_microbatches=count, seq_len=seq_len + -seq_len % (2 * dims.cp * dims.tp),
+                          device=device,
                           materialize=False, pad_token_id=tokenizer.pad_id,
                           activation_dtype=torch.bfloat16 if bf16 else torch.float32)
     parallelize_pipeline(pipe, dims, mesh, mixed_precision="bf16" if bf16 else "fp32",
@@ -402,13 +399,13 @@ class Trainer:
     def _pipeline_step(self, batch: dict) -> dict:
         """The step's micro-batch split into the pipeline's micro-batches; forward and backward by the schedule.
         The loss is the token mean over the micro-batches of all data-parallel ranks, as in one process: each
-        last stage returns its share (its -log p sum over the global label tokens), summed over the data-parallel
-        ranks, then sent from the last stage to every pp rank."""
+        last stage returns its share (its context shard's -log p sum over the global label tokens), summed over
+        the data and context ranks, then sent from the last stage to every pp rank."""
         pieces = split_packed(batch, self.pipeline.n_microbatches, self.tokenizer.vision_start_id)
         label_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
         global_tokens = torch.tensor(label_tokens, dtype=torch.int64, device=self.device)
-        dist.all_reduce(global_tokens, group=self.loss_group)
-        loss = self.pipeline.step(pieces, global_tokens=int(global_tokens))
+        dist.all_reduce(global_tokens, group=self.loss_group)  # the cp ranks of a data rank share its batch
+        loss = self.pipeline.step(pieces, global_tokens=int(global_tokens) // self.dims.cp)
         logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
         dist.all_reduce(logged, group=self.loss_group)  # zeros off the last stage: their own groups sum zeros
         dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
