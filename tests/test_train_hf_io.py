@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import (AutoTokenizer, Qwen3VLConfig as HFQwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeConfig as HFQwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
@@ -173,7 +174,6 @@ def test_run_from_hf_folder_starts_at_hf_loss_and_exports_what_transformers_load
     # the export command writes the same folder from the checkpoint alone
     again = tmp_path / "again"
     assert export.main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(again)]) == 0
-    from safetensors.torch import load_file
     first, second = load_file(exported / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -283,6 +283,35 @@ def test_torchrun_fsdp_sharded_init_tiny_preset_exports_loadable_weights(tmp_pat
     with torch.no_grad():
         assert rel_err(ours.logits(batch), hf_logits(hf, batch, tokenizer.image_token_id,
                                                      tokenizer.vision_start_id)) < TOL
+
+    # streamed into several files (at most 200 kB each unless one tensor is larger) in bf16: the same tensors
+    # rounded, an index transformers follows, one progress line per file
+    lines = []
+    step_folder = checkpoint.step_dir(tmp_path / "checkpoints", checkpoint.latest_step(tmp_path / "checkpoints"))
+    sharded = export.export_checkpoint(step_folder, tmp_path / "hf_bf16",
+                                       dtype="bfloat16", max_shard_bytes=200_000, log=lines.append)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == len(lines) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all(line.startswith("export: wrote ") for line in lines)
+    single = load_file(tmp_path / "hf" / "model.safetensors")
+    streamed = {name: tensor for file in files for name, tensor in load_file(sharded / file).items()}
+    assert streamed.keys() == single.keys() == index["weight_map"].keys()
+    for name, tensor in streamed.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, single[name].to(torch.bfloat16)), name
+        size = tensor.numel() * 2
+        assert size > 200_000 or sum(t.numel() * 2 for n, t in streamed.items()
+                                     if index["weight_map"][n] == index["weight_map"][name]) <= 200_000, name
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in streamed.values())
+    hf_bf16 = load_exported(sharded, moe=False)
+    assert hf_bf16.config.dtype == torch.bfloat16
+    assert torch.equal(hf_bf16.lm_head.weight, hf.lm_head.weight.to(torch.bfloat16))
+    # a configuration that is not the checkpoint's model, a dtype we do not write: clear errors
+    other = load_config(None, [*SMALL, "--model.preset=tiny_moe"])
+    with pytest.raises(ConfigError, match="does not hold the model of the run's config: missing \\['language_model"):
+        export.export_checkpoint(step_folder, tmp_path / "hf_moe", other)
+    with pytest.raises(ValueError, match="'dtype' must be one of \\['bfloat16', 'float32'\\], got 'float16'"):
+        export.export_checkpoint(step_folder, tmp_path / "hf_fp16", dtype="float16")
 
 
 # ----------------------------------------------------------------------------------- bad inputs

@@ -15,18 +15,22 @@ In: a folder written by transformers' ``save_pretrained`` of ``Qwen3VLForConditi
     copied, a DTensor parameter (FSDP / TP / EP) gets its shard by ``distribute_tensor(src_data_rank=None)``,
     which slices locally without communication. Peak memory beyond the model: one safetensors file.
 
-Out: ``export_checkpoint`` reads the model of a DCP checkpoint of any layout (FSDP / TP / PP / EP shards; DCP
-reassembles full tensors) into one plain model on the CPU and writes config.json (``Qwen3VLConfig.to_hf``),
-safetensors (``to_hf_state_dict``, 5 GB shards + index when larger), the tokenizer files when the run's tokenizer
-is a Hugging Face one, and the source folder's preprocessor_config.json. The exporting process holds the full
-model in CPU memory once. The run's configuration comes from the checkpoint (the trainer stores it there) or
-from ``--config``.
+Out: ``export_checkpoint`` writes config.json (``Qwen3VLConfig.to_hf``, its ``dtype`` the exported one), the
+tokenizer files when the run's tokenizer is a Hugging Face one, the source folder's preprocessor_config.json, and
+the weights streamed from a DCP checkpoint of any layout (FSDP / TP / PP / EP / CP shards; DCP reassembles full
+tensors): the tensors are planned into safetensors files of at most 5 GB in model order (HF names and layouts,
+``to_hf_state_dict``; ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors`` + the index), and
+each file's tensors are read from the checkpoint, converted and written before the next file's are read. Peak
+memory: one file's tensors (a 30B-A3B model exports in ~5 GB of CPU memory, not the 124 GB of its fp32 weights).
+``--dtype bfloat16`` halves the folder (the checkpoint's fp32 values rounded). The run's configuration comes
+from the checkpoint (the trainer stores it there) or from ``--config``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -35,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from mgpt_train import checkpoint
 from mgpt_train.config import ConfigError, TrainConfig, config_from_dict, load_config, safetensors_files
@@ -45,6 +48,8 @@ from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, from_hf_state_dict, to
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -159,48 +164,102 @@ def checkpoint_config(folder: Path) -> TrainConfig | None:
     return None if saved is None else config_from_dict(saved)
 
 
-def export_checkpoint(step_folder: str | Path, out: str | Path, cfg: TrainConfig | None = None) -> Path:
-    """Write the HF folder ``out`` from the DCP checkpoint ``step_folder`` (``.../step_N``) in this process
-    (module docstring). ``cfg``: the run configuration, default the one stored in the checkpoint."""
+def export_checkpoint(step_folder: str | Path, out: str | Path, cfg: TrainConfig | None = None, *,
+                      dtype: str = "float32", max_shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+    """Write the HF folder ``out`` from the DCP checkpoint ``step_folder`` (``.../step_N``) in this process,
+    streaming (module docstring). ``cfg``: the run configuration, default the one stored in the checkpoint.
+    ``dtype``: "float32" (the checkpoint's values) or "bfloat16" (half the size, as Qwen publishes its weights).
+    ``log``: called with one progress line per safetensors file (None: quiet)."""
+    from safetensors.torch import save_file
+
     step_folder, out = Path(step_folder), Path(out)
     if _STEP.match(step_folder.name) is None or not step_folder.is_dir():
         raise FileNotFoundError(f"export: {step_folder} is not a finished checkpoint folder (.../step_N)")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export: 'dtype' must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"export: 'max_shard_bytes' must be an int >= 1, got {max_shard_bytes!r}")
     cfg = cfg or checkpoint_config(step_folder)
     if cfg is None:
         raise ConfigError(f"export: {step_folder} stores no run configuration; pass --config with the run's")
     tokenizer = run_tokenizer(cfg)
     config = run_model_config(cfg, tokenizer)
     with torch.device("meta"):
-        model = Qwen3VLModel(config)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    # this process alone (also rank 0 of a running job, whose other ranks wait): DCP without collectives
-    state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=step_folder, no_dist=True)
-    set_model_state_dict(model, state["model"])
-    write_hf_folder(model, out, tokenizer, cfg.model.hf_checkpoint)
+        model = Qwen3VLModel(config)  # names and shapes only
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:  # the head IS the embedding: transformers re-ties it on load
+        shapes.pop("lm_head.weight")
+    stored = _stored_tensors(step_folder, shapes)
+    torch_dtype = EXPORT_DTYPES[dtype]
+    files = _plan_files(shapes, torch_dtype.itemsize, max_shard_bytes)
+
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = config.to_hf()
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(out)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(out)
+    source = cfg.model.hf_checkpoint
+    if source is not None and (Path(source) / PREPROCESSOR_FILE).is_file():
+        shutil.copyfile(Path(source) / PREPROCESSOR_FILE, out / PREPROCESSOR_FILE)
+    weight_map, total = {}, 0
+    for index, names in enumerate(files):
+        file = "model.safetensors" if len(files) == 1 else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+        # DCP reads only the requested tensors (any layout: FSDP / TP / PP / EP shards reassembled), in this
+        # process alone -- also rank 0 of a running job, whose other ranks wait: no collectives.
+        state = {"model": {name: torch.empty(shapes[name], dtype=stored[name]) for name in names}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=step_folder, no_dist=True)
+        tensors = {name: value.to(torch_dtype).contiguous()
+                   for name, value in to_hf_state_dict(model, state["model"]).items()}
+        del state
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += size
+        del tensors
+        if log is not None:
+            log(f"export: wrote {out / file} ({index + 1}/{len(files)}, {size / 1e9:.2f} GB)")
+    if len(files) > 1:
+        index_file = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
     return out
 
 
-def write_hf_folder(model: Qwen3VLModel, out: str | Path, tokenizer: ByteTokenizer | None = None,
-                    source: str | Path | None = None) -> None:
-    """config.json, safetensors (+ index when sharded), tokenizer files (HF tokenizers) and ``source``'s
-    preprocessor_config.json, of a plain (unparallelized) model."""
-    from huggingface_hub import save_torch_state_dict
+def _stored_tensors(step_folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+    """The dtype of every model tensor in the checkpoint, checked against the model's names and shapes."""
+    metadata = dcp.FileSystemReader(str(step_folder)).read_metadata().state_dict_metadata
+    found, wrong = {}, []
+    for name, shape in shapes.items():
+        entry = metadata.get(f"model.{name}")
+        if entry is None or not hasattr(entry, "size"):
+            continue
+        if tuple(entry.size) != shape:
+            wrong.append(f"{name} {list(entry.size)} (model: {list(shape)})")
+        found[name] = entry.properties.dtype
+    missing = sorted(shapes.keys() - found.keys())
+    if missing or wrong:
+        raise ConfigError(f"export: the checkpoint {step_folder} does not hold the model of the run's config: "
+                          f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, wrong shape {wrong[:4]}; "
+                          f"pass --config with the run's configuration")
+    return found
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.to_hf().save_pretrained(out)
-    tensors = {name: tensor.detach().cpu() for name, tensor in to_hf_state_dict(model).items()}
-    if model.config.tie_word_embeddings:  # the head IS the embedding: transformers re-ties it on load
-        tensors.pop("lm_head.weight")
-    save_torch_state_dict(tensors, out, max_shard_size="5GB", metadata={"format": "pt"})
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.save(out)
-    if source is not None and (Path(source) / PREPROCESSOR_FILE).is_file():
-        shutil.copyfile(Path(source) / PREPROCESSOR_FILE, out / PREPROCESSOR_FILE)
+
+def _plan_files(shapes: dict[str, tuple[int, ...]], itemsize: int, max_bytes: int) -> list[list[str]]:
+    """The tensors of each safetensors file, in model order, each file at most ``max_bytes`` unless one tensor
+    alone is larger (it then gets a file of its own), as transformers' ``save_pretrained`` shards."""
+    files, current, current_bytes = [], [], 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        if current and current_bytes + size > max_bytes:
+            files.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        files.append(current)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkpoint folder (.../step_N) or a folder of them (the latest is exported)")
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--config", default=None, help="the run's config file (default: the one in the checkpoint)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES),
+                        help="dtype of the exported weights (default float32: the checkpoint's values)")
     args = parser.parse_args(argv)
     try:
         folder = Path(args.checkpoint)
@@ -219,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"export: no finished checkpoint in {folder}")
             folder = checkpoint.step_dir(folder, latest)
         cfg = load_config(args.config) if args.config else None
-        out = export_checkpoint(folder, args.out, cfg)
+        out = export_checkpoint(folder, args.out, cfg, dtype=args.dtype)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mgpt_train.export: error: {exc}", file=sys.stderr)
         return 2

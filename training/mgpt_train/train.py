@@ -521,7 +521,7 @@ class Trainer:
         """Rank 0 writes ``<output_dir>/hf`` from the final checkpoint; the other ranks wait for it."""
         if self.rank == 0:
             out = export_checkpoint(checkpoint.step_dir(self.cfg.checkpoint_dir, self.step),
-                                    Path(self.cfg.output_dir) / HF_DIR, self.cfg)
+                                    Path(self.cfg.output_dir) / HF_DIR, self.cfg, log=self.log)
             self.log(f"exported the Hugging Face model folder {out}")
         if dist.is_initialized():
             dist.barrier()
