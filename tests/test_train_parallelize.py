@@ -21,10 +21,10 @@ rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation c
 copy on the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x
 tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
 exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary), and pp=2 x dp_shard=2 x
-ep=2 (MoE layers on the last stage: the aux-loss gradient, experts split over the data ranks; the logged loss is
-the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context shards crossing
-the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp inside the
-last stage); 8 ranks -- pp=2 x cp=2 x tp=2 x ep=2 and dp_shard=2 x pp=2 x cp=2 x ep=2; 16 ranks -- all five
+ep=2 (MoE layers on both stages: the exact aux loss from router statistics passed between the stages,
+experts split over the data ranks; the logged loss is the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context shards crossing
+the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp on the last
+stage); 8 ranks -- pp=2 x cp=2 x tp=2 x ep=2 and dp_shard=2 x pp=2 x cp=2 x ep=2; 16 ranks -- all five
 at once, dp_shard=2 x pp=2 x cp=2 x tp=2 with ep=2 folded into dp_shard x cp. Bad configurations raise clear
 errors. One spawn per world size runs all its layouts.
 """
@@ -74,13 +74,6 @@ def moe_config() -> Qwen3VLConfig:
     return dataclasses.replace(config, text=dataclasses.replace(config.text, router_aux_loss_coef=0.1))
 
 
-def last_stage_moe_config() -> Qwen3VLConfig:
-    """``moe_config`` with a dense layer 0: under pp=2 both MoE layers sit on the last stage, where the pipeline's
-    aux loss is the model's."""
-    config = moe_config()
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, mlp_only_layers=(0,)))
-
-
 # (name, ParallelDims keywords, model config, options)
 LAYOUTS = {
     2: [("dp_shard2_ac", dict(dp_shard=2), dense_config, dict(activation_checkpointing=True)),
@@ -95,12 +88,12 @@ LAYOUTS = {
         ("pp2_dp_shard2_ac", dict(pp=2, dp_shard=2), dense_config, dict(activation_checkpointing=True)),
         ("pp2_tp2_untied_head", dict(pp=2, dp_shard=1, tp=2), untied_config, {}),
         ("pp2_tp2_tied_head", dict(pp=2, dp_shard=1, tp=2), dense_config, {}),
-        ("pp2_dp_shard2_ep2_moe", dict(pp=2, dp_shard=2, ep=2), last_stage_moe_config, {}),
+        ("pp2_dp_shard2_ep2_moe", dict(pp=2, dp_shard=2, ep=2), moe_config, {}),
         ("pp2_cp2", dict(pp=2, dp_shard=1, cp=2), dense_config, dict(activation_checkpointing=True)),
-        ("pp2_cp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, ep=2), last_stage_moe_config, {})],
-    8: [("pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, tp=2, ep=2), last_stage_moe_config, {}),
-        ("dp_shard2_pp2_cp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, ep=2), last_stage_moe_config, {})],
-    16: [("dp_shard2_pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, tp=2, ep=2), last_stage_moe_config, {})],
+        ("pp2_cp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, ep=2), moe_config, {})],
+    8: [("pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=1, cp=2, tp=2, ep=2), moe_config, {}),
+        ("dp_shard2_pp2_cp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, ep=2), moe_config, {})],
+    16: [("dp_shard2_pp2_cp2_tp2_ep2_moe", dict(pp=2, dp_shard=2, cp=2, tp=2, ep=2), moe_config, {})],
 }
 
 

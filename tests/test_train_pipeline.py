@@ -4,8 +4,9 @@ against the single-process model over the same micro-batches: loss = sum over la
 token-weighted mean of the micro-batches' losses), every parameter's gradient (gathered under the full model's
 names) and the updated weights. Micro-batches hold images (vision tower on stage 0, DeepStack taps added on
 stages 0 and 1 of the interleaved split), a text-only micro-batch, one that fills seq_len exactly, and a tied
-head (its copy on the last stage). A MoE case (all MoE layers on one stage, no padding) checks the aux-loss
-gradient injection. One spawn of 2 ranks runs every distributed case.
+head (its copy on the last stage). MoE cases (1F1B with MoE layers on both stages; interleaved, the router
+statistics crossing three stage boundaries; no padding) check the exact aux loss: its gradient reaches every
+stage's routers. One spawn of 2 ranks runs every distributed case.
 
 Reference: ``Qwen3VLModel`` forward/backward per micro-batch (no pipelining, no padding), weighted by its label
 tokens; unit-scale random weights so that errors in masking or routing cannot hide in flat softmaxes.
@@ -37,9 +38,9 @@ def dense_config() -> Qwen3VLConfig:
 
 
 def moe_config() -> Qwen3VLConfig:
-    """Untied, 4 layers of which 2 and 3 are MoE (both on stage 1 when pp=2), a visible aux coefficient."""
+    """Untied, 4 layers of which 1, 2 and 3 are MoE (on both stages when pp=2), a visible aux coefficient."""
     config = Qwen3VLConfig.tiny_moe()
-    text = dataclasses.replace(config.text, num_hidden_layers=4, mlp_only_layers=(0, 1), router_aux_loss_coef=0.1)
+    text = dataclasses.replace(config.text, num_hidden_layers=4, mlp_only_layers=(0,), router_aux_loss_coef=0.1)
     return dataclasses.replace(config, text=text)
 
 
@@ -255,6 +256,8 @@ def _rank_body(rank: int) -> dict:
     moe_steps = [make_step(moe, seed=20, fill_all=True), make_step(moe, seed=21, fill_all=True)]
     moe_reference = reference_steps(moe, randomize(Qwen3VLModel(moe), seed=2), moe_steps, LR)
     result["cases"]["moe/1F1B/v1"] = _run_case(moe, moe_full, moe_reference, moe_steps, pp_mesh, "1F1B", 1)
+    result["cases"]["moe/Interleaved1F1B/v2"] = _run_case(moe, moe_full, moe_reference, moe_steps, pp_mesh,
+                                                          "Interleaved1F1B", 2)
 
     def error_of(make) -> str:
         try:

@@ -17,9 +17,11 @@ HF adapter and per-module TP/FSDP plans work unchanged.
 Fixed shapes between stages. The schedules send preallocated buffers, so every micro-batch is padded to
 ``seq_len`` tokens: the pad tokens (``pad_token_id``, labels -100) form one extra packed sample, so causal
 attention inside the real samples (block-diagonal over cu_seqlens) never sees them and the real tokens compute
-exactly what they would unpadded. Stages exchange only activations: hidden [1, seq_len, H] and, while DeepStack
+exactly what they would unpadded. Stages exchange only activations: hidden [1, seq_len, H]; while DeepStack
 taps are still to be added by a later stage, the pending taps as a dense [1, k, seq_len, H] map (the vision
-features scattered to the image-token rows, zeros elsewhere; the gradient flows back to the vision tower).
+features scattered to the image-token rows, zeros elsewhere; the gradient flows back to the vision tower); for
+a MoE model, the running router statistics [1, 2, E] (per-expert top-k counts and summed probabilities of the
+MoE layers so far, fp32).
 Everything else a stage needs -- MRoPE positions, cu_seqlens, the attention info, image rows, labels -- is
 small and is computed on every rank from the micro-batch itself (``step`` takes the micro-batches on every pp
 rank; only the first stage reads ``pixel_values``). The schedule hands each stage its micro-batch index as the
@@ -29,10 +31,12 @@ Loss. The last stage returns the per-token log-probabilities [1, seq_len] (``mgp
 on the labelled rows only, zeros elsewhere); the schedule's loss is -sum(logprobs) / N with N the label tokens
 of the whole step (or the caller's ``global_tokens``), and gradients are not rescaled by the schedule, so the
 summed loss and the gradients equal one forward of the full model over the same micro-batches (token-weighted
-mean). MoE: each stage adds ``router_aux_loss_coef * aux`` of its own MoE layers, weighted by its share of the
-MoE layers and averaged over micro-batches, through an identity op whose backward injects the aux gradient.
-This differs from the model's aux loss (one product of sums over all layers, pad rows excluded) whenever MoE
-layers sit on several stages; the cross-entropy part is exact. The returned loss is the cross-entropy only.
+mean). MoE: every stage adds its layers' router statistics to the running ones, so the last stage holds those
+of ALL MoE layers and adds ``router_aux_loss_coef * aux / n_microbatches`` with aux the model's load-balancing
+loss (one product of sums over all layers), through an identity op whose backward injects the aux gradient; it
+flows back through the statistics to every stage's routers. That is the model's objective exactly when the
+micro-batches need no pipeline padding (the routers see pad rows, as they do after ``pad_packed_batch``). The
+returned loss is the cross-entropy only.
 
 Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps its own copy of the embedding as
 ``lm_head.weight``; ``init_weights`` copies stage 0's value to it and ``step`` sums the two gradients between
@@ -65,7 +69,7 @@ from mgpt_ops import fused_linear_logprobs
 from mgpt_train.model.attention import AttentionInfo
 from mgpt_train.model.config import Qwen3VLConfig
 from mgpt_train.model.language import TextAttention, mrope_cos_sin
-from mgpt_train.model.moe import load_balancing_loss
+from mgpt_train.model.moe import RouterStats, load_balancing_loss
 from mgpt_train.model.positions import mrope_position_ids
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights
 from mgpt_train.parallel import make_cp_attention_fn
@@ -84,6 +88,7 @@ class StagePlan:
     rank: int  # pp rank that runs it
     layers: range  # global decoder-layer indices
     deepstack_taps: int  # DeepStack taps of the model (added after layers 0 .. taps - 1)
+    moe: bool  # the model has MoE layers: the running router statistics cross every stage boundary
 
     @property
     def is_first(self) -> bool:
@@ -132,7 +137,7 @@ def plan_stages(config: Qwen3VLConfig, pp_size: int, virtual_stages: int = 1, la
     num_stages = pp_size * virtual_stages
     blocks = split_layers(config.text.num_hidden_layers, num_stages, layers_per_stage)
     taps = len(config.vision.deepstack_visual_indexes)
-    return [StagePlan(s, num_stages, s % pp_size, block, taps) for s, block in enumerate(blocks)]
+    return [StagePlan(s, num_stages, s % pp_size, block, taps, config.is_moe) for s, block in enumerate(blocks)]
 
 
 def check_schedule(schedule: str, n_microbatches: int, pp_size: int, virtual_stages: int) -> None:
@@ -251,9 +256,7 @@ class PipelineStageModule(nn.Module):
                                          dtype=weight.dtype)
             else:
                 self.lm_head = full.lm_head
-        moe_layers = [i for i in range(full.config.text.num_hidden_layers) if full.config.text.is_moe_layer(i)]
-        local_moe = sum(i in plan.layers for i in moe_layers)
-        self.aux_weight = (full.config.text.router_aux_loss_coef * local_moe / len(moe_layers)) if local_moe else 0.0
+        self.moe_layers = sum(full.config.text.is_moe_layer(i) for i in range(full.config.text.num_hidden_layers))
         self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
         self.tokens = DecoderTokenLayout(None, None)  # Pipeline.shard_tokens: cp shards, tp sequence pieces
         # Set by parallelize_pipeline under FSDP: the vision tower runs on every micro-batch (idle_vision).
@@ -297,31 +300,42 @@ class PipelineStageModule(nn.Module):
         if plan.is_first:
             hidden, pending = self._first_stage_inputs(activations[0], mb)
             hidden, pending = tokens.cp_shard(hidden, 0), tokens.cp_shard(pending, 1)
-        else:  # the previous stage sent this rank's context shard
-            hidden = activations[0][0]
-            pending = activations[1][0] if plan.pending_in else None
+            # a leaf, so the tensor always carries a gradient back (the schedule expects one for every input)
+            running = (torch.zeros(2, self.config.text.num_experts, device=hidden.device, requires_grad=True)
+                       if plan.moe else None)
+        else:  # the previous stage sent this rank's context shard (and the running router statistics)
+            hidden, *rest = (x[0] for x in activations)
+            pending = rest.pop(0) if plan.pending_in else None
+            running = rest.pop(0) if plan.moe else None
         # every row of the context shard (tp gathers q and k before rotating them)
         cos, sin = mrope_cos_sin(tokens.cp_shard(mb.position_ids, 1), self.config.text, hidden.dtype)
         hidden = self._piece(hidden)
-        router_stats = []
         for index in plan.layers:
             hidden, stats = self.language_model.layers[str(index)](hidden, cos, sin, mb.cu_seqlens, mb.info)
             if stats is not None:
-                router_stats.append(stats)
+                running = running + torch.stack([stats.counts, stats.prob_sum])
             if index < plan.deepstack_taps:
                 # Zeros outside the image rows: the same sum as the model's index_add at those rows.
                 hidden = hidden + self._piece(pending[index - plan.layers.start])  # from this stage's first layer
-        if router_stats and self.aux_weight:
-            router_stats = [tokens.sum_over_cp(stats) for stats in router_stats]  # the whole sequence's statistics
-            aux = load_balancing_loss(router_stats, self.config.text.num_experts)
-            hidden = _AttachAuxLoss.apply(hidden, aux * (self.aux_weight / len(self.microbatches)))
         if plan.is_last:
+            if plan.moe and self.moe_layers:
+                hidden = _AttachAuxLoss.apply(hidden, self._aux_term(running, mb))
             return self._logprobs(self._whole(self.language_model.norm(hidden)), mb)
-        hidden = self._whole(hidden)  # a plain full tensor crosses the stage boundary
+        outputs = [self._whole(hidden)]  # a tensor identical on the tp ranks crosses the stage boundary
         if plan.pending_out:
-            used = len(plan.layers)
-            return _batched(hidden), _batched(pending[used:])
-        return _batched(hidden)
+            outputs.append(pending[len(plan.layers):])
+        if plan.moe:
+            outputs.append(running)
+        return tuple(_batched(x) for x in outputs) if len(outputs) > 1 else _batched(outputs[0])
+
+    def _aux_term(self, running: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
+        """coef x the model's load-balancing loss of the micro-batch, from the router statistics of all MoE layers
+        (summed by the stages, then over the cp ranks), divided by the micro-batch count (the step's mean). The
+        routers of a cp rank see its whole context shard (MoE blocks run on the tp-gathered tokens)."""
+        rows = mb.input_ids.shape[0] // self.tokens.cp_size * self.moe_layers
+        totals = self.tokens.sum_over_cp(RouterStats(running[0].detach(), running[1], rows))
+        aux = load_balancing_loss([totals], self.config.text.num_experts)
+        return aux * (self.config.text.router_aux_loss_coef / len(self.microbatches))
 
     def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
         """Per-token log-probability of the label [1, T / cp] over this rank's context shard (0 on unlabelled
@@ -334,15 +348,22 @@ class PipelineStageModule(nn.Module):
         return logprobs.new_zeros(1, hidden.shape[0]).index_copy(1, rows, logprobs[None])
 
 
-def _activation_metas(plan: StagePlan, seq_len: int, hidden_size: int, dtype: torch.dtype, input_len: int
+def _activation_metas(plan: StagePlan, seq_len: int, config: Qwen3VLConfig, dtype: torch.dtype, input_len: int
                       ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(inputs, outputs) of a stage as meta tensors: the static shapes that spare the schedule a trial forward.
-    ``seq_len``: the tokens of the activations (a context shard), ``input_len``: of the first stage's input ids."""
+    ``seq_len``: the tokens of the activations (a context shard), ``input_len``: of the first stage's input ids.
+    Between stages: hidden [1, seq_len, H], pending DeepStack taps [1, k, seq_len, H] (while k > 0), the running
+    router statistics [1, 2, E] in fp32 (MoE models)."""
+    hidden_size = config.text.hidden_size
+
     def activation(pending: int) -> tuple[torch.Tensor, ...]:
-        hidden = torch.empty(1, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
-        if not pending:
-            return (hidden,)
-        return hidden, torch.empty(1, pending, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)
+        tensors = [torch.empty(1, seq_len, hidden_size, dtype=dtype, device="meta", requires_grad=True)]
+        if pending:
+            tensors.append(torch.empty(1, pending, seq_len, hidden_size, dtype=dtype, device="meta",
+                                       requires_grad=True))
+        if plan.moe:
+            tensors.append(torch.empty(1, 2, config.text.num_experts, device="meta", requires_grad=True))
+        return tuple(tensors)
 
     inputs = ((torch.empty(1, input_len, dtype=torch.int64, device="meta"),) if plan.is_first
               else activation(plan.pending_in))
@@ -423,7 +444,7 @@ class Pipeline:
         local_len = self.seq_len // self.tokens.cp_size
         stages = []
         for plan, module in zip(self.plans, self.stage_modules):
-            inputs, outputs = _activation_metas(plan, local_len, self.config.text.hidden_size, self.activation_dtype,
+            inputs, outputs = _activation_metas(plan, local_len, self.config, self.activation_dtype,
                                                 input_len=self.seq_len)
             stages.append(PipelineStage(module, plan.index, plan.num_stages, self.device, input_args=inputs,
                                         output_args=outputs, group=self.pp_group))
