@@ -14,6 +14,8 @@ into each format and served by vLLM from the safetensors (real weights). Two ind
 
 A random tiny Qwen3-MoE (4 experts, top-2) quantized the same way checks the MoE method against
 ``mgpt_ops.quant``'s quantized experts in transformers (LOADING_ATOL), with the method read from config.json.
+vLLM serves in fp32 for these comparisons, and once more in bf16 (every dense method and the fp8-block MoE):
+the same greedy tokens, logprobs within QUANT_ATOL.
 
 vLLM runs in a child process (``python tests/test_vllm_plugin.py JOBS.json``): the engine and its torch state stay
 out of pytest, and all quantization methods share one vLLM import. ``vllm serve`` runs as its own process tree.
@@ -57,6 +59,10 @@ QUANT_ATOL = 0.15
 # < 1e-4): fp32 rounding differences of the two engines may flip single fp8/int8 activation roundings, no more.
 LOADING_ATOL = 5e-3
 IN_DISTRIBUTION = 3  # the first scored sequences are arithmetic ones (see _scored_sequences)
+# Formats whose numbers do not depend on the tensor-parallel split: weight-only int4, and fp8 with 1x128 activation
+# groups that a 128-aligned shard of K never cuts. Per-token activation scales (mgpt_fp8, mgpt_int8) are taken
+# over each rank's K shard under row parallelism: a (slightly finer) quantization of its own.
+TP_INVARIANT = ("mgpt_fp8_block", "mgpt_w4a16")
 PROMPTS = [[3, 5, 7, 9], [40, 41, 42, 43, 44], [100, 103, 106, 109, 112], [120, 122, 124, 0]]
 NEW_TOKENS = 8
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -151,7 +157,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory, tiny):
-    """A random tiny Qwen3-MoE (4 experts, top-2, expert width 128) quantized into each format: {method: folder},
+    """A random tiny Qwen3-MoE (4 experts, top-2, expert width 256: 128 per rank under tensor parallelism 2)
+    quantized into each format: {method: folder},
     and 'ref': transformers' teacher-forced logprobs of the in-memory quantized models (mgpt_ops.quant's
     QuantizedExperts). Untrained, so only the same-weights comparison is meaningful."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -160,7 +167,7 @@ def tiny_moe(tmp_path_factory, tiny):
     from mgpt_ops.quant.modules import QuantConfig
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+    config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=256,
                             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
                             max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None,
@@ -195,12 +202,23 @@ def _run_vllm_jobs(jobs: list[dict], work: Path) -> list[dict]:
 def vllm_runs(tiny, tiny_moe, tmp_path_factory):
     """name -> vLLM's greedy tokens, teacher-forced logprobs and layer methods: each method's dense checkpoint
     (quantization named explicitly), 'qwen_fp8' (Qwen's FP8 flavour taken over by --quantization mgpt_fp8_block)
-    and 'moe_<method>' (MoE checkpoints, method read from config.json)."""
+    and 'moe_<method>' (MoE checkpoints, method read from config.json), in fp32; 'bf16_<method>' and
+    'bf16_moe_mgpt_fp8_block': the same checkpoints served in bf16 (--dtype bfloat16); 'tp2_<method>' and
+    'tp2_moe_<method>': served with tensor parallelism 2 (two CPU workers)."""
     work = tmp_path_factory.mktemp("vllm_jobs")
     qwen = _as_qwen_fp8_checkpoint(tiny["mgpt_fp8_block"], work / "qwen_fp8")
     jobs = [{"name": m, "model": str(tiny[m]), "quantization": m} for m in METHODS]
     jobs.append({"name": "qwen_fp8", "model": str(qwen), "quantization": "mgpt_fp8_block"})
     jobs += [{"name": f"moe_{m}", "model": str(tiny_moe[m]), "quantization": None} for m in METHODS]
+    for job in jobs:
+        job.update(dtype="float32")
+    jobs += [{"name": f"bf16_{m}", "model": str(tiny[m]), "quantization": m, "dtype": "bfloat16"} for m in METHODS]
+    jobs.append({"name": "bf16_moe_mgpt_fp8_block", "model": str(tiny_moe["mgpt_fp8_block"]), "quantization": None,
+                 "dtype": "bfloat16"})
+    jobs += [{"name": f"tp2_{m}", "model": str(tiny[m]), "quantization": m, "dtype": "float32", "tp": 2}
+             for m in METHODS]
+    jobs += [{"name": f"tp2_moe_{m}", "model": str(tiny_moe[m]), "quantization": None, "dtype": "float32", "tp": 2}
+             for m in TP_INVARIANT]
     for job in jobs:
         job.update(prompts=PROMPTS, scored=tiny["scored"], new_tokens=NEW_TOKENS)
     return {r["name"]: r for r in _run_vllm_jobs(jobs, work)}
@@ -348,6 +366,44 @@ def test_vllm_moe_experts_match_mgpt_quantized_experts(method, tiny_moe, vllm_ru
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_vllm_in_bf16_generates_like_the_unquantized_model(method, tiny, vllm_runs):
+    """bf16 activations into our kernels (the dtype vLLM serves in on GPUs): the same greedy tokens as the fp32
+    unquantized model, in-distribution logprobs within QUANT_ATOL of it (measured <= 0.09 nats)."""
+    run = vllm_runs[f"bf16_{method}"]
+    assert {m.split(":")[1] for m in run["layer_methods"]} == {LINEAR_METHOD[method]}, run["layer_methods"]
+    assert run["greedy"] == tiny["ref"]["base"]["greedy"]
+    in_dist = slice(0, IN_DISTRIBUTION)
+    assert _max_abs_diff(run["logprobs"][in_dist], tiny["ref"]["base"]["logprobs"][in_dist]) < QUANT_ATOL
+
+
+@pytest.mark.slow
+def test_vllm_moe_experts_in_bf16(tiny_moe, vllm_runs):
+    """bf16 activations into the MoE method, against the fp32 quantized experts in transformers (measured 0.07)."""
+    run = vllm_runs["bf16_moe_mgpt_fp8_block"]
+    assert any(m.endswith(":MgptExpertsMethod") for m in run["layer_methods"]), run["layer_methods"]
+    assert _max_abs_diff(run["logprobs"], tiny_moe["ref"]["mgpt_fp8_block"]) < QUANT_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_vllm_tensor_parallel_2_generates_like_the_unquantized_model(method, tiny, tiny_moe, vllm_runs):
+    """Column- and row-parallel shards of every format loaded by two workers: the unquantized model's greedy
+    tokens, its logprobs within QUANT_ATOL (measured <= 0.07); TP-invariant formats also match the same quantized
+    model in transformers to LOADING_ATOL, dense and MoE (experts split 128 per rank)."""
+    run = vllm_runs[f"tp2_{method}"]
+    assert {m.split(":")[1] for m in run["layer_methods"]} == {LINEAR_METHOD[method]}, run["layer_methods"]
+    assert run["greedy"] == tiny["ref"]["base"]["greedy"]
+    in_dist = slice(0, IN_DISTRIBUTION)
+    assert _max_abs_diff(run["logprobs"][in_dist], tiny["ref"]["base"]["logprobs"][in_dist]) < QUANT_ATOL
+    if method in TP_INVARIANT:
+        assert _max_abs_diff(run["logprobs"], tiny["ref"][method]["logprobs"]) < LOADING_ATOL
+        moe = vllm_runs[f"tp2_moe_{method}"]
+        assert any(m.endswith(":MgptExpertsMethod") for m in moe["layer_methods"]), moe["layer_methods"]
+        assert _max_abs_diff(moe["logprobs"], tiny_moe["ref"][method]) < LOADING_ATOL
+
+
+@pytest.mark.slow
 def test_qwen_fp8_checkpoint_runs_on_mgpt_fp8_block(vllm_runs):
     qwen, ours = vllm_runs["qwen_fp8"], vllm_runs["mgpt_fp8_block"]
     assert qwen["quantization"] == "mgpt_fp8_block"
@@ -437,8 +493,17 @@ def _child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     results = []
     for job in spec["jobs"]:
-        llm = LLM(model=job["model"], quantization=job["quantization"], load_format="safetensors", dtype="float32",
-                  enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0, distributed_executor_backend="uni")
+        tp = job.get("tp", 1)
+        # vllm-cpu binds each worker's threads to one NUMA node by default; one node here, so give each worker
+        # its own CPU of those this process may use (the binding string must hold exactly tp lists).
+        cpus = sorted(os.sched_getaffinity(0))
+        if tp > 1:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpus[r % len(cpus)]) for r in range(tp))
+        else:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        llm = LLM(model=job["model"], quantization=job["quantization"], load_format="safetensors", dtype=job["dtype"],
+                  enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0, tensor_parallel_size=tp,
+                  distributed_executor_backend="uni" if tp == 1 else "mp")
         engine_model = llm.llm_engine.model_config
         layer_methods = sorted(set(llm.apply_model(_layer_methods)[0]))
         greedy = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]],
