@@ -12,15 +12,16 @@ already differ by that rounding). The state dict's names and global shapes must 
 
 With 2 data ranks, rank 1's batch holds no image: under FSDP it must still run the vision tower's collectives.
 Layouts: 2 ranks -- dp_shard=2 (+ activation checkpointing), tp=2, cp=2, ep=2 (MoE, dp_shard=2, + activation
-checkpointing: the all-to-alls run again in the recomputation), bf16 mixed precision as a smoke test (loss within
+checkpointing: the all-to-alls run again in the recomputation), tp=2 with MoE (each tp rank routes its sequence
+piece -- checked on every MoE block's input rows -- and FSDP over the tp ranks sums the MoE gradients), bf16 mixed precision as a smoke test (loss within
 5e-2), and the meta-device flow (parallelize, to_empty, init_weights, one step); 4 ranks -- dp_replicate=2 x
 dp_shard=2 (HSDP), cp=2 x tp=2 (untied head, uneven vocabulary shards), dp_shard=2 x cp=2 x ep=2 (MoE: router
-statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x tp=2 x ep=2 (MoE blocks whole over
-tp), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
+statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x tp=2 x ep=2 and dp_shard=2 x tp=2 (MoE
+on sequence pieces), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
 rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation checkpointing; tied head, its
 copy on the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x
 tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
-exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary), and pp=2 x dp_shard=2 x
+exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary; MoE), and pp=2 x dp_shard=2 x
 ep=2 (MoE layers on both stages: the exact aux loss from router statistics passed between the stages,
 experts split over the data ranks; the logged loss is the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context shards crossing
 the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp on the last
@@ -46,6 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from conftest import rel_err
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
+from mgpt_train.model.moe import SparseMoeBlock
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.parallelize import global_token_mean_loss, pad_packed_batch, parallelize_pipeline, parallelize_qwen3_vl
 from mgpt_train.pipeline import build_pipeline
@@ -80,11 +82,14 @@ LAYOUTS = {
         ("tp2", dict(dp_shard=1, tp=2), dense_config, {}),
         ("cp2", dict(dp_shard=1, cp=2), dense_config, {}),
         ("dp_shard2_ep2_moe_ac", dict(dp_shard=2, ep=2), moe_config, dict(activation_checkpointing=True)),
+        ("tp2_moe", dict(dp_shard=1, tp=2), moe_config, {}),
         ("dp_shard2_bf16", dict(dp_shard=2), dense_config, dict(mixed_precision="bf16"))],
     4: [("dp_replicate2_dp_shard2", dict(dp_replicate=2, dp_shard=2), dense_config, {}),
         ("cp2_tp2_untied_head", dict(dp_shard=1, cp=2, tp=2), untied_config, {}),
         ("dp_shard2_cp2_ep2_moe", dict(dp_shard=2, cp=2, ep=2), moe_config, {}),
         ("dp_shard2_tp2_ep2_moe", dict(dp_shard=2, tp=2, ep=2), moe_config, {}),
+        ("dp_shard2_tp2_moe", dict(dp_shard=2, tp=2), moe_config, {}),
+        ("pp2_tp2_moe", dict(pp=2, dp_shard=1, tp=2), moe_config, {}),
         ("pp2_dp_shard2_ac", dict(pp=2, dp_shard=2), dense_config, dict(activation_checkpointing=True)),
         ("pp2_tp2_untied_head", dict(pp=2, dp_shard=1, tp=2), untied_config, {}),
         ("pp2_tp2_tied_head", dict(pp=2, dp_shard=1, tp=2), dense_config, {}),
@@ -213,6 +218,10 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
     model = parallelize_qwen3_vl(build_model(config), dims, mesh, **{"mixed_precision": "fp32", **options})
     opt = optimizer(model)
     batch = batches[mesh["dp"].get_local_rank()]
+    moe_rows = set()  # every MoE block routes this rank's sequence piece only: no MoE work repeated over tp
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.register_forward_pre_hook(lambda _module, args: moe_rows.add(args[0].shape[0]))
     steps = [state_dict_shapes(model)]
     for _ in range(STEPS):
         opt.zero_grad()
@@ -220,6 +229,8 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
         loss.backward()
         steps.append((logged.item(), full_gradients(model)))
         opt.step()
+    if config.is_moe:
+        assert moe_rows == {batch["input_ids"].shape[0] // (dims.cp * dims.tp)}, moe_rows
     return steps
 
 

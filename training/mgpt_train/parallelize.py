@@ -9,11 +9,12 @@ Where the tokens live (T = packed tokens of one micro-batch, the batch layout of
     * a forward pre-hook on ``model.language_model`` (the decoder) then keeps this rank's tokens:
       context parallelism (cp) keeps the load-balanced ``shard_sequence`` shard (chunks r and 2cp-1-r of 2cp),
       and sequence parallelism (tp) splits that shard into tp contiguous pieces for the norms and residuals;
-      attention and MLP all-gather the tp pieces (DTensor plans) and attention all-gathers K/V over cp
-      (``make_cp_attention_fn``); DeepStack features become dense [T, H] additions sharded the same way;
+      attention and dense MLPs all-gather the tp pieces (DTensor plans), MoE blocks route the piece itself,
+      and attention all-gathers K/V over cp (``make_cp_attention_fn``); DeepStack features become dense [T, H]
+      additions sharded the same way;
     * a forward hook gathers the final hidden states over tp (the head needs every token of the cp shard on
-      every tp rank) and sums the MoE router statistics over cp, so the load-balancing loss is the one of the
-      whole sequence;
+      every tp rank) and sums the MoE router statistics over tp and cp, so the load-balancing loss is the one of
+      the whole sequence;
     * ``model.forward`` is replaced (an instance attribute; names and the state dict do not change) by one that
       keeps this rank's labels and runs ``fused_linear_logprobs`` on the local vocabulary shard of the head with
       the tp group (vocabulary parallelism), returning sums instead of a mean:
@@ -35,6 +36,7 @@ backward), so their FSDP reduction divides by N as well (not by its own N/ep ran
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,11 +46,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
-                                               RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
 from mgpt_ops import fused_linear_logprobs
-from mgpt_train.model.moe import GroupedExperts, RouterStats, SparseMoeBlock
+from mgpt_train.model.moe import RouterStats, SparseMoeBlock
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel
 from mgpt_train.parallel import expert_parallel_moe, make_cp_attention_fn, shard_experts, shard_sequence
 from mgpt_train.parallel.expert_parallel import expert_parallel_blocks
@@ -76,8 +78,9 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
            outputs, RMSNorms sequence-parallel (q_norm/k_norm shard over heads), embedding rowwise (vocabulary),
            the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. The
            vision tower stays replicated over tp (small next to the LM; its gradients are complete on every tp
-           rank because the hand-over to the decoder all-gathers them). MoE blocks are not split by tp either:
-           they run on the tp-gathered tokens, identically on every tp rank (their experts are split by ep).
+           rank because the hand-over to the decoder all-gathers them). MoE blocks run on this rank's sequence
+           piece: each tp rank routes and computes T / (cp tp) tokens (experts split by ep, parameters summed
+           over tp by step 5), so no MoE work is repeated over tp.
         2. CP (mesh "cp"): ``make_cp_attention_fn`` installed in every decoder layer, the decoder's input /
            output hooks and the loss forward (module docstring).
         3. EP (ep consecutive ranks of "dp_shard_cp", the groups of ``expert_parallel_group``): every MoE layer
@@ -86,9 +89,11 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
         4. Activation checkpointing of every decoder layer and vision block (``activation_checkpointing``).
         5. FSDP2 over "dp_shard_cp" (HSDP over ("dp_replicate", "dp_shard_cp") when dp_replicate > 1; the mesh
            ``mesh.fsdp``): one ``fully_shard`` per vision block and decoder layer, then the root (the model, or
-           each pipeline stage module); expert parameters first get their own ``fully_shard`` over the ranks
-           holding the same experts (dp_replicate x dp_shard_cp / ep) that divides their gradients by N (module
-           docstring). ``mixed_precision``: "bf16" (bf16 parameters in compute, fp32 gradient reduction) or "fp32".
+           each pipeline stage module). MoE parameters first get their own ``fully_shard`` (``apply_moe_fsdp``,
+           also with tp alone): the experts over the ranks holding the same experts and their tp ranks
+           (dp_replicate x dp_shard_cp x tp / ep), the routers under tp over dp_replicate x dp_shard_cp x tp; both
+           sum over those ranks and divide by N only (module docstring). ``mixed_precision``: "bf16" (bf16
+           parameters in compute, fp32 gradient reduction) or "fp32".
            A batch (pipeline micro-batch) without images then runs the vision tower idle (``idle_vision``), so
            every data rank issues the same FSDP collectives.
     """
@@ -110,16 +115,17 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
     if tokens.sharded:
         model.language_model.register_forward_pre_hook(tokens.shard_decoder_inputs)
         model.language_model.register_forward_hook(tokens.gather_decoder_outputs)
-    fsdp = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp > 1
-    model.forward = _sharded_loss_forward(model, tokens, vision_every_batch=fsdp)
-    expert_dp_mesh = None
+    n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
+    model.forward = _sharded_loss_forward(model, tokens, vision_every_batch=n_ranks > 1)
+    moe = moe_meshes(mesh, parallel_dims) if model.config.is_moe else None
     if parallel_dims.ep > 1:
-        ep_mesh, expert_dp_mesh = expert_meshes(mesh, parallel_dims.ep)
-        apply_expert_parallel(model, ep_mesh)
+        apply_expert_parallel(model, moe.ep)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if fsdp:
-        apply_fsdp(model, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
+    if moe is not None:  # without data ranks the rest stays unsharded fp32: so do the MoE parameters in compute
+        apply_moe_fsdp(model, moe, _MIXED_PRECISION[mixed_precision if n_ranks > 1 else "fp32"], n_ranks)
+    if n_ranks > 1:
+        apply_fsdp(model, mesh, _MIXED_PRECISION[mixed_precision])
     return model
 
 
@@ -159,16 +165,18 @@ def parallelize_pipeline(pipe: Pipeline, parallel_dims: ParallelDims, mesh: Para
                          f"the pipeline with activation_dtype=torch.bfloat16, got {pipe.activation_dtype}")
     tp_mesh = mesh["tp"] if parallel_dims.tp > 1 else None
     pipe.shard_tokens(mesh["cp"].get_group() if parallel_dims.cp > 1 else None, tp_mesh)  # checks seq_len
-    ep_mesh, expert_dp_mesh = expert_meshes(mesh, parallel_dims.ep) if parallel_dims.ep > 1 else (None, None)
+    moe = moe_meshes(mesh, parallel_dims) if pipe.config.is_moe else None
     for module in pipe.stage_modules:
         if tp_mesh is not None:
             apply_tensor_parallel(module, tp_mesh)
-        if ep_mesh is not None:
-            apply_expert_parallel(module, ep_mesh)
+        if parallel_dims.ep > 1:
+            apply_expert_parallel(module, moe.ep)
         if activation_checkpointing:
             apply_activation_checkpointing(module)
+        if moe is not None:
+            apply_moe_fsdp(module, moe, _MIXED_PRECISION[mixed_precision if fsdp_ranks > 1 else "fp32"], fsdp_ranks)
         if fsdp_ranks > 1:
-            apply_fsdp(module, mesh, parallel_dims, _MIXED_PRECISION[mixed_precision], expert_dp_mesh)
+            apply_fsdp(module, mesh, _MIXED_PRECISION[mixed_precision])
             module.vision_every_microbatch = True  # same FSDP collectives on every data rank
     pipe.data_parallel_ranks = fsdp_ranks
     return pipe
@@ -253,17 +261,24 @@ class DecoderTokenLayout:
         hidden, router_stats = output
         if isinstance(hidden, DTensor):  # the tp-sequence-parallel final norm
             hidden = whole_sequence(hidden, self.tp_mesh)
-        return hidden, [self.sum_over_cp(stats) for stats in router_stats]
+        return hidden, [self.sum_router_stats(stats) for stats in router_stats]
 
-    def sum_over_cp(self, stats: RouterStats) -> RouterStats:
-        """One MoE layer's router statistics of the whole sequence (summed over the cp ranks)."""
-        if self.cp_size == 1:
-            return stats
-        counts = stats.counts.clone()
-        dist.all_reduce(counts, group=self.cp_group)
-        # Differentiable all-reduce: every cp rank's aux loss depends on every rank's router probabilities.
-        prob_sum = _SumOverGroup.apply(stats.prob_sum, self.cp_group)
-        return RouterStats(counts, prob_sum, stats.rows * self.cp_size)
+    def sum_router_stats(self, stats: RouterStats) -> RouterStats:
+        """One MoE layer's router statistics of the whole sequence, from those of this rank's piece: summed over
+        the tp ranks (MoE blocks route sequence pieces), then over the cp ranks.
+
+        Gradients: every rank's aux loss depends on every rank's router probabilities. Over cp the backward sums
+        the ranks' gradients (FSDP then averages over the cp ranks, as over data ranks). Over tp the backward is
+        the identity: each tp rank keeps d aux / d(its own probabilities), and the MoE FSDP step sums the tp
+        ranks' parameter gradients, which also completes the cross-entropy part (each rank's tokens)."""
+        counts, prob_sum, rows = stats.counts, stats.prob_sum, stats.rows
+        if self.tp_size > 1:
+            counts, prob_sum, rows = counts.clone(), _SumForward.apply(prob_sum, self.tp_group), rows * self.tp_size
+            dist.all_reduce(counts, group=self.tp_group)
+        if self.cp_size > 1:
+            counts, prob_sum, rows = counts.clone(), _SumOverGroup.apply(prob_sum, self.cp_group), rows * self.cp_size
+            dist.all_reduce(counts, group=self.cp_group)
+        return RouterStats(counts, prob_sum, rows)
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -281,6 +296,20 @@ class _SumOverGroup(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumForward(torch.autograd.Function):
+    """all_reduce(SUM) in the forward pass, identity in the backward pass (see ``sum_router_stats``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
         return grad, None
 
 
@@ -387,12 +416,12 @@ def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: De
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
     }
-    # MoE blocks are not split by tp (experts are split by ep): every tp rank routes the gathered cp shard the
-    # same way and keeps its sequence piece of the (output, router stats) result. That hand-over all-gathers the
-    # output gradient, so router and expert gradients are complete and identical on the tp ranks.
-    moe_plan = {"mlp": PrepareModuleInputOutput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),),
-                                                use_local_input=True, output_layouts=(Replicate(), None),
-                                                desired_output_layouts=(Shard(0), None), use_local_output=True)}
+    # MoE blocks run on this rank's sequence piece (tokens are routed independently): router, experts and the
+    # expert-parallel all-to-all see T / (cp tp) tokens, not the gathered cp shard, so no MoE work is repeated
+    # over tp. Their parameters' gradients are then partial sums over the tp ranks' pieces, which the MoE FSDP
+    # step (``apply_moe_fsdp``) adds up; the router statistics are summed over tp for the aux loss.
+    moe_plan = {"mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
+                                          use_local_output=True)}
     for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, layer_plan | (moe_plan if isinstance(layer.mlp, SparseMoeBlock)
                                                          else dense_mlp_plan))
@@ -414,11 +443,30 @@ def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: De
                                             requires_grad=head.requires_grad)
 
 
-def expert_meshes(mesh: ParallelMesh, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
-    """(the "ep" mesh: the groups of ``expert_parallel_group``, the data-parallel mesh of the experts: see the
-    FSDP step). Collective (new process groups): build them once per run, for all pipeline stages."""
-    expert_mesh = _expert_mesh(mesh, ep)
-    return expert_mesh["ep"], expert_mesh["dp_replicate", "edp"] if expert_mesh.size(1) > 1 else expert_mesh["edp"]
+@dataclass(frozen=True)
+class MoeMeshes:
+    """The meshes of the MoE parameters (``moe_meshes``)."""
+
+    ep: DeviceMesh | None  # the expert-parallel groups (ep > 1)
+    experts: DeviceMesh  # FSDP of the expert weights: the ranks holding the same experts, with their tp ranks
+    gates: DeviceMesh | None  # FSDP of the routers under tp: all dp_shard x cp x tp ranks
+
+
+def moe_meshes(mesh: ParallelMesh, parallel_dims: ParallelDims) -> MoeMeshes | None:
+    """The MoE meshes of a MoE model, or None when its MoE parameters need no FSDP of their own (ep = tp = 1: the
+    decoder layer's FSDP covers them). Collective (new process groups): build them once per run, for all
+    pipeline stages. Each FSDP mesh is ("dp_replicate", "edp") for HSDP, else "edp"."""
+    ep, tp = parallel_dims.ep, parallel_dims.tp
+    if ep == 1 and tp == 1:
+        return None
+    expert_mesh = _moe_mesh(mesh, ep)
+    gate_mesh = (expert_mesh if ep == 1 else _moe_mesh(mesh, 1)) if tp > 1 else None
+    return MoeMeshes(expert_mesh["ep"] if ep > 1 else None, _fsdp_part(expert_mesh),
+                     _fsdp_part(gate_mesh) if gate_mesh is not None else None)
+
+
+def _fsdp_part(moe_mesh: DeviceMesh) -> DeviceMesh:
+    return moe_mesh["dp_replicate", "edp"] if moe_mesh.size(1) > 1 else moe_mesh["edp"]
 
 
 def apply_expert_parallel(model: Qwen3VLModel | PipelineStageModule, ep_mesh: DeviceMesh) -> None:
@@ -438,16 +486,17 @@ def apply_expert_parallel(model: Qwen3VLModel | PipelineStageModule, ep_mesh: De
                                                 num_experts=experts.num_experts, group=ep_mesh.get_group())
 
 
-def _expert_mesh(mesh: ParallelMesh, ep: int) -> DeviceMesh:
-    """Mesh ("other" = pp x tp, "dp_replicate", "edp", "ep") over the same ranks: "ep" holds the groups of
+def _moe_mesh(mesh: ParallelMesh, ep: int) -> DeviceMesh:
+    """Mesh ("pp", "dp_replicate", "edp", "ep") over the same ranks: "ep" holds the groups of
     ``expert_parallel_group`` (``expert_parallel_blocks``: ep consecutive ranks of "dp_shard_cp"), "edp" the
-    ranks of a "dp_shard_cp" group at the same position of their ep block (they hold the same experts)."""
+    ranks at the same position of their ep block (they hold the same experts) together with their tp ranks
+    (they hold the same MoE parameters and route different sequence pieces)."""
     sizes = dict(zip(MESH_DIMS, mesh.mesh.shape))
+    pp, replicate, tp = sizes["pp"], sizes["dp_replicate"], sizes["tp"]
     edp = sizes["dp_shard"] * sizes["cp"] // ep
     blocks = torch.tensor(expert_parallel_blocks(mesh.mesh, ep))  # (pp, dp_replicate, tp, edp) blocks of ep
-    ranks = blocks.view(sizes["pp"], sizes["dp_replicate"], sizes["tp"], edp, ep).transpose(1, 2)
-    return DeviceMesh(mesh.device_type, ranks.reshape(-1, sizes["dp_replicate"], edp, ep),
-                      mesh_dim_names=("other", "dp_replicate", "edp", "ep"))
+    ranks = blocks.view(pp, replicate, tp, edp, ep).permute(0, 1, 3, 2, 4).reshape(pp, replicate, edp * tp, ep)
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "dp_replicate", "edp", "ep"))
 
 
 def apply_activation_checkpointing(model: Qwen3VLModel | PipelineStageModule) -> None:
@@ -460,27 +509,33 @@ def apply_activation_checkpointing(model: Qwen3VLModel | PipelineStageModule) ->
             blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=False)
 
 
-def apply_fsdp(model: Qwen3VLModel | PipelineStageModule, mesh: ParallelMesh, parallel_dims: ParallelDims,
-               mp_policy: MixedPrecisionPolicy, expert_dp_mesh: DeviceMesh | None) -> None:
-    dp_mesh = mesh.fsdp
-    n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
-    for block in (model.visual.blocks if hasattr(model, "visual") else []):
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+def apply_moe_fsdp(model: Qwen3VLModel | PipelineStageModule, meshes: MoeMeshes, mp_policy: MixedPrecisionPolicy,
+                   n_ranks: int) -> None:
+    """``fully_shard`` the MoE parameters on their own meshes (before the decoder layers' FSDP): the experts over
+    ``meshes.experts``, the routers over ``meshes.gates`` under tp. Both reduce-scatters SUM over the tp ranks
+    (each routed its own sequence piece) and over the ranks holding the same experts (each rank's expert
+    gradients already sum its ep group's tokens), and divide by the N = ``n_ranks`` data ranks only."""
     for layer in decoder_layers(model):
-        if expert_dp_mesh is not None:
-            for module in layer.modules():
-                if isinstance(module, GroupedExperts):
-                    _shard_experts_over(module, expert_dp_mesh, mp_policy, n_ranks)
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+        for block in layer.modules():
+            if isinstance(block, SparseMoeBlock):
+                _fully_shard_summing(block.experts, meshes.experts, mp_policy, n_ranks)
+                if meshes.gates is not None:
+                    _fully_shard_summing(block.gate, meshes.gates, mp_policy, n_ranks)
 
 
-def _shard_experts_over(experts: GroupedExperts, expert_dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
-                        n_ranks: int) -> None:
-    fully_shard(experts, mesh=expert_dp_mesh, mp_policy=mp_policy)
-    # Each rank's expert gradients already sum its ep group's tokens: divide by all N data ranks, not edp's.
-    experts.set_gradient_divide_factor(float(n_ranks))
+def _fully_shard_summing(module: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, n_ranks: int) -> None:
+    fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+    module.set_gradient_divide_factor(float(n_ranks))
     # A custom factor reduce-scatters with PREMUL_SUM, which gloo lacks: sum, then divide. Only when the
     # reduce-scatter really communicates: over one rank torch divides while copying, and forcing would divide twice.
-    if expert_dp_mesh.size(-1) > 1 and hasattr(experts, "set_force_sum_reduction_for_comms"):
-        experts.set_force_sum_reduction_for_comms(True)
+    if mesh.size(-1) > 1 and hasattr(module, "set_force_sum_reduction_for_comms"):
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_fsdp(model: Qwen3VLModel | PipelineStageModule, mesh: ParallelMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """One ``fully_shard`` per vision block and decoder layer over ``mesh.fsdp``, then the root."""
+    for block in (model.visual.blocks if hasattr(model, "visual") else []):
+        fully_shard(block, mesh=mesh.fsdp, mp_policy=mp_policy)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh.fsdp, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh.fsdp, mp_policy=mp_policy)

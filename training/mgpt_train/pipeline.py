@@ -330,10 +330,10 @@ class PipelineStageModule(nn.Module):
 
     def _aux_term(self, running: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
         """coef x the model's load-balancing loss of the micro-batch, from the router statistics of all MoE layers
-        (summed by the stages, then over the cp ranks), divided by the micro-batch count (the step's mean). The
-        routers of a cp rank see its whole context shard (MoE blocks run on the tp-gathered tokens)."""
-        rows = mb.input_ids.shape[0] // self.tokens.cp_size * self.moe_layers
-        totals = self.tokens.sum_over_cp(RouterStats(running[0].detach(), running[1], rows))
+        (summed by the stages, then over the tp and cp ranks), divided by the micro-batch count (the step's mean).
+        The routers of a rank see its sequence piece: seq_len / (cp tp) rows per MoE layer."""
+        rows = mb.input_ids.shape[0] // (self.tokens.cp_size * self.tokens.tp_size) * self.moe_layers
+        totals = self.tokens.sum_router_stats(RouterStats(running[0].detach(), running[1], rows))
         aux = load_balancing_loss([totals], self.config.text.num_experts)
         return aux * (self.config.text.router_aux_loss_coef / len(self.microbatches))
 
