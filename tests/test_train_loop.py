@@ -7,7 +7,8 @@
 - freezing: parameters of a frozen part do not change during its stage and do change when it trains again; the
   learning rate follows each stage's warm-up + cosine schedule (recomputed here from the formula);
 - the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2 -- and
-  with 4 -- pp=2 x dp_shard=2 (pipeline stages sharded by FSDP2), pp=2 x cp=2 -- exits 0 and its losses and gradient norms
+  with 4 -- pp=2 x dp_shard=2 (pipeline stages sharded by FSDP2), pp=2 x cp=2, the MoE preset on
+  dp_shard=2 x tp=2 x ep=2 -- exits 0 and its losses and gradient norms
   equal an unparallelized single-process reference trained on the same step data (for dp: the union of the data
   ranks' micro-batches, token-weighted mean loss);
 - bad command lines fail with one clear error line and exit status 2.
@@ -177,7 +178,10 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
             group["lr"] = curricula[0].lr
         outs = [model(batch) for _, batch in draws]
         tokens = sum(out["n_tokens"] for out in outs)
-        loss = sum(out["loss"] * out["n_tokens"] for out in outs) / tokens
+        coef = model.config.text.router_aux_loss_coef if model.config.is_moe else 0.0
+        # token mean of the cross-entropy + coef x the mean over micro-batches of the MoE aux loss
+        loss = (sum((out["loss"] - coef * out["aux_loss"]) * out["n_tokens"] for out in outs) / tokens
+                + coef * sum(out["aux_loss"] for out in outs) / len(outs))
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                               cfg.optimizer.grad_clip)
@@ -190,7 +194,8 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
 # (some empty); tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
 # pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
-# pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks
+# pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks;
+# MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, layout, data_ranks", [
     (2, ["--parallel.dp_shard=2"], 2),
@@ -198,7 +203,9 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
     (2, ["--parallel.dp_shard=1", "--parallel.tp=2"], 1),
     (4, ["--parallel.dp_shard=2", "--parallel.pp=2", "--parallel.pp_microbatches=2"], 2),
     (4, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.cp=2", "--parallel.pp_microbatches=2"], 1),
-], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2", "pipeline_pp2_context_cp2"])
+    (4, ["--model.preset=tiny_moe", "--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2"], 2),
+], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2", "pipeline_pp2_context_cp2",
+        "moe_dp_shard2_tp2_ep2"])
 def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), *layout, "--optimizer.grad_clip=0.5",
                  f"--output_dir={tmp_path}"]
