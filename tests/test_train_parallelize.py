@@ -11,6 +11,8 @@ differ only in summation order and in where the collectives sum, and later steps
 already differ by that rounding). The state dict's names and global shapes must be the unparallelized model's.
 
 With 2 data ranks, rank 1's batch holds no image: under FSDP it must still run the vision tower's collectives.
+Under cp / tp the ranks sharing a batch split its 3 images (checked on the first vision block's input rows; with
+cp x tp = 4 one rank runs a blank block), and the vision gradients are complete after the FSDP reduction.
 Layouts: 2 ranks -- dp_shard=2 (+ activation checkpointing), tp=2, cp=2, ep=2 (MoE, dp_shard=2, + activation
 checkpointing: the all-to-alls run again in the recomputation), tp=2 with MoE (each tp rank routes its sequence
 piece -- checked on every MoE block's input rows -- and FSDP over the tp ranks sums the MoE gradients), bf16 mixed precision as a smoke test (loss within
@@ -40,6 +42,8 @@ import traceback
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -48,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from conftest import rel_err
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
 from mgpt_train.model.moe import SparseMoeBlock
+from mgpt_train.parallel import assign_images
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.parallelize import global_token_mean_loss, pad_packed_batch, parallelize_pipeline, parallelize_qwen3_vl
 from mgpt_train.pipeline import build_pipeline
@@ -199,6 +204,19 @@ def test_pad_packed_batch_appends_one_label_free_sample_and_keeps_the_loss():
     assert all(same[k] is padded[k] for k in padded)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5000), max_size=20), st.integers(1, 8))
+def test_assign_images_gives_every_image_to_one_rank_and_balances_patches(patches, ranks):
+    owned = assign_images(patches, ranks)
+    assert len(owned) == ranks and sorted(i for images in owned for i in images) == list(range(len(patches)))
+    assert all(images == sorted(images) for images in owned)
+    loads = [sum(patches[i] for i in images) for images in owned]
+    if patches:  # largest first to the least loaded rank: loads differ by at most one image
+        assert max(loads) - min(loads) <= max(patches)
+    with pytest.raises(ValueError, match="'ranks' must be an int >= 1, got 0"):
+        assign_images(patches, 0)
+
+
 # ----------------------------------------------------------------------------------- parallel side
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
@@ -222,6 +240,8 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             module.register_forward_pre_hook(lambda _module, args: moe_rows.add(args[0].shape[0]))
+    vision_rows = set()  # the vision tower runs on this rank's share of the images (cp x tp ranks split them)
+    model.visual.blocks[0].register_forward_pre_hook(lambda _module, args: vision_rows.add(args[0].shape[0]))
     steps = [state_dict_shapes(model)]
     for _ in range(STEPS):
         opt.zero_grad()
@@ -231,6 +251,10 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
         opt.step()
     if config.is_moe:
         assert moe_rows == {batch["input_ids"].shape[0] // (dims.cp * dims.tp)}, moe_rows
+    if batch["image_grid_thw"].shape[0]:
+        patches = batch["image_grid_thw"].prod(1).tolist()
+        mine = assign_images(patches, dims.cp * dims.tp)[mesh["cp_tp"].get_local_rank()]
+        assert vision_rows == {sum(patches[i] for i in mine) if mine else 4}, (vision_rows, patches, mine)
     return steps
 
 

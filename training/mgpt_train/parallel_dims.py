@@ -7,6 +7,7 @@ Derived, flattened sub-meshes (``DeviceMesh._flatten`` of the root's dims):
     "dp"           dp_replicate x dp_shard         data loading: ranks in one group read different batches
     "dp_shard_cp"  dp_shard x cp                   FSDP2 shards parameters over data AND context ranks
     "dp_cp"        dp_replicate x dp_shard x cp    loss / gradient-norm reductions
+    "cp_tp"        cp x tp                         ranks sharing one micro-batch (they split its images)
 and the FSDP mesh (``ParallelMesh.fsdp``): "dp_shard_cp", or for HSDP the 2-D ("dp_replicate", "dp_shard_cp")
 (unflattened from "dp_cp"). torch >= 2.11 deprecates slicing a flattened dim out of the root mesh, so
 ``build_mesh`` keeps the meshes ``_flatten`` returns in a ``ParallelMesh``: ``mesh["dp"]`` reads them, while
@@ -91,7 +92,7 @@ class ParallelDims:
 
 
 FLATTENED_DIMS = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
-                  "dp_cp": ("dp_replicate", "dp_shard", "cp")}
+                  "dp_cp": ("dp_replicate", "dp_shard", "cp"), "cp_tp": ("cp", "tp")}
 
 
 class ParallelMesh:

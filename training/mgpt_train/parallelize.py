@@ -4,8 +4,10 @@ docstring is THE place that documents the order; ``parallelize_pipeline`` compos
 with TP, activation checkpointing and FSDP2 / HSDP.
 
 Where the tokens live (T = packed tokens of one micro-batch, the batch layout of the train interfaces):
-    * every rank runs the embedding and the vision tower on the WHOLE packed sequence and computes the MRoPE
-      positions of all T tokens (they depend on the images and sample boundaries, not on the shard);
+    * every rank runs the embedding on the WHOLE packed sequence and computes the MRoPE positions of all T tokens
+      (they depend on the images and sample boundaries, not on the shard); the cp x tp ranks sharing the
+      micro-batch split its images for the vision tower and all-gather the image features
+      (``mgpt_train.parallel.split_vision``);
     * a forward pre-hook on ``model.language_model`` (the decoder) then keeps this rank's tokens:
       context parallelism (cp) keeps the load-balanced ``shard_sequence`` shard (chunks r and 2cp-1-r of 2cp),
       and sequence parallelism (tp) splits that shard into tp contiguous pieces for the norms and residuals;
@@ -52,7 +54,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from mgpt_ops import fused_linear_logprobs
 from mgpt_train.model.moe import RouterStats, SparseMoeBlock
 from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel
-from mgpt_train.parallel import expert_parallel_moe, make_cp_attention_fn, shard_experts, shard_sequence
+from mgpt_train.parallel import expert_parallel_moe, make_cp_attention_fn, shard_experts, shard_sequence, split_vision
 from mgpt_train.parallel.expert_parallel import expert_parallel_blocks
 from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims, ParallelMesh
 
@@ -76,11 +78,11 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
            model: pp must be 1.
         1. TP + sequence parallel (mesh "tp"): q/k/v/gate/up colwise, o/down rowwise with sequence-sharded
            outputs, RMSNorms sequence-parallel (q_norm/k_norm shard over heads), embedding rowwise (vocabulary),
-           the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. The
-           vision tower stays replicated over tp (small next to the LM; its gradients are complete on every tp
-           rank because the hand-over to the decoder all-gathers them). MoE blocks run on this rank's sequence
-           piece: each tp rank routes and computes T / (cp tp) tokens (experts split by ep, parameters summed
-           over tp by step 5), so no MoE work is repeated over tp.
+           the head's weight sharded by vocabulary rows for ``fused_linear_logprobs(process_group=tp)``. MoE blocks
+           run on this rank's sequence piece: each tp rank routes and computes T / (cp tp) tokens (experts split
+           by ep, parameters summed over tp by step 5), so no MoE work is repeated over tp. The vision tower is
+           split by images over the cp x tp ranks of the micro-batch (``split_vision``; its parameters summed
+           over tp by step 5), so no vision work is repeated either.
         2. CP (mesh "cp"): ``make_cp_attention_fn`` installed in every decoder layer, the decoder's input /
            output hooks and the loss forward (module docstring).
         3. EP (ep consecutive ranks of "dp_shard_cp", the groups of ``expert_parallel_group``): every MoE layer
@@ -89,10 +91,11 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
         4. Activation checkpointing of every decoder layer and vision block (``activation_checkpointing``).
         5. FSDP2 over "dp_shard_cp" (HSDP over ("dp_replicate", "dp_shard_cp") when dp_replicate > 1; the mesh
            ``mesh.fsdp``): one ``fully_shard`` per vision block and decoder layer, then the root (the model, or
-           each pipeline stage module). MoE parameters first get their own ``fully_shard`` (``apply_moe_fsdp``,
-           also with tp alone): the experts over the ranks holding the same experts and their tp ranks
-           (dp_replicate x dp_shard_cp x tp / ep), the routers under tp over dp_replicate x dp_shard_cp x tp; both
-           sum over those ranks and divide by N only (module docstring). ``mixed_precision``: "bf16" (bf16
+           each pipeline stage module). Parameters whose replicas see different tokens first get their own
+           ``fully_shard`` (``apply_fsdp``, also with tp alone): the experts over the ranks holding the same
+           experts and their tp ranks (dp_replicate x dp_shard_cp x tp / ep), the routers and the vision tower
+           under tp over dp_replicate x dp_shard_cp x tp; those sum over their ranks and divide by N only (module
+           docstring). ``mixed_precision``: "bf16" (bf16
            parameters in compute, fp32 gradient reduction) or "fp32".
            A batch (pipeline micro-batch) without images then runs the vision tower idle (``idle_vision``), so
            every data rank issues the same FSDP collectives.
@@ -115,17 +118,16 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
     if tokens.sharded:
         model.language_model.register_forward_pre_hook(tokens.shard_decoder_inputs)
         model.language_model.register_forward_hook(tokens.gather_decoder_outputs)
+    if tokens.sharded:
+        split_vision(model.visual, mesh["cp_tp"].get_group(), replicas=parallel_dims.tp)
     n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
     model.forward = _sharded_loss_forward(model, tokens, vision_every_batch=n_ranks > 1)
-    moe = moe_meshes(mesh, parallel_dims) if model.config.is_moe else None
+    meshes = replica_meshes(mesh, parallel_dims, model.config.is_moe)
     if parallel_dims.ep > 1:
-        apply_expert_parallel(model, moe.ep)
+        apply_expert_parallel(model, meshes.ep)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if moe is not None:  # without data ranks the rest stays unsharded fp32: so do the MoE parameters in compute
-        apply_moe_fsdp(model, moe, _MIXED_PRECISION[mixed_precision if n_ranks > 1 else "fp32"], n_ranks)
-    if n_ranks > 1:
-        apply_fsdp(model, mesh, _MIXED_PRECISION[mixed_precision])
+    apply_fsdp(model, mesh, meshes, mixed_precision, n_ranks)
     return model
 
 
@@ -165,19 +167,18 @@ def parallelize_pipeline(pipe: Pipeline, parallel_dims: ParallelDims, mesh: Para
                          f"the pipeline with activation_dtype=torch.bfloat16, got {pipe.activation_dtype}")
     tp_mesh = mesh["tp"] if parallel_dims.tp > 1 else None
     pipe.shard_tokens(mesh["cp"].get_group() if parallel_dims.cp > 1 else None, tp_mesh)  # checks seq_len
-    moe = moe_meshes(mesh, parallel_dims) if pipe.config.is_moe else None
+    meshes = replica_meshes(mesh, parallel_dims, pipe.config.is_moe)
     for module in pipe.stage_modules:
         if tp_mesh is not None:
             apply_tensor_parallel(module, tp_mesh)
+        if hasattr(module, "visual") and pipe.tokens.sharded:
+            split_vision(module.visual, mesh["cp_tp"].get_group(), replicas=parallel_dims.tp)
         if parallel_dims.ep > 1:
-            apply_expert_parallel(module, moe.ep)
+            apply_expert_parallel(module, meshes.ep)
         if activation_checkpointing:
             apply_activation_checkpointing(module)
-        if moe is not None:
-            apply_moe_fsdp(module, moe, _MIXED_PRECISION[mixed_precision if fsdp_ranks > 1 else "fp32"], fsdp_ranks)
-        if fsdp_ranks > 1:
-            apply_fsdp(module, mesh, _MIXED_PRECISION[mixed_precision])
-            module.vision_every_microbatch = True  # same FSDP collectives on every data rank
+        apply_fsdp(module, mesh, meshes, mixed_precision, fsdp_ranks)
+        module.vision_every_microbatch = fsdp_ranks > 1  # same FSDP collectives on every data rank
     pipe.data_parallel_ranks = fsdp_ranks
     return pipe
 
@@ -419,7 +420,7 @@ def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: De
     # MoE blocks run on this rank's sequence piece (tokens are routed independently): router, experts and the
     # expert-parallel all-to-all see T / (cp tp) tokens, not the gathered cp shard, so no MoE work is repeated
     # over tp. Their parameters' gradients are then partial sums over the tp ranks' pieces, which the MoE FSDP
-    # step (``apply_moe_fsdp``) adds up; the router statistics are summed over tp for the aux loss.
+    # step (``apply_fsdp``) adds up; the router statistics are summed over tp for the aux loss.
     moe_plan = {"mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
                                           use_local_output=True)}
     for layer in decoder_layers(model):
@@ -444,29 +445,31 @@ def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: De
 
 
 @dataclass(frozen=True)
-class MoeMeshes:
-    """The meshes of the MoE parameters (``moe_meshes``)."""
+class ReplicaMeshes:
+    """FSDP meshes of parameters whose replicas see different tokens -- their gradients are SUMMED over those
+    ranks, not averaged (``replica_meshes``) -- and the expert-parallel groups."""
 
     ep: DeviceMesh | None  # the expert-parallel groups (ep > 1)
-    experts: DeviceMesh  # FSDP of the expert weights: the ranks holding the same experts, with their tp ranks
-    gates: DeviceMesh | None  # FSDP of the routers under tp: all dp_shard x cp x tp ranks
+    experts: DeviceMesh | None  # expert weights (MoE, ep > 1 or tp > 1): ranks holding the same experts, x tp
+    data_tp: DeviceMesh | None  # routers and the vision tower under tp: dp_shard x cp x tp (x dp_replicate)
 
 
-def moe_meshes(mesh: ParallelMesh, parallel_dims: ParallelDims) -> MoeMeshes | None:
-    """The MoE meshes of a MoE model, or None when its MoE parameters need no FSDP of their own (ep = tp = 1: the
-    decoder layer's FSDP covers them). Collective (new process groups): build them once per run, for all
-    pipeline stages. Each FSDP mesh is ("dp_replicate", "edp") for HSDP, else "edp"."""
+def replica_meshes(mesh: ParallelMesh, parallel_dims: ParallelDims, moe: bool) -> ReplicaMeshes:
+    """The meshes of ``ReplicaMeshes`` this layout needs (None where the decoder layers' FSDP covers the
+    parameters). Collective (new process groups): build them once per run, for all pipeline stages. Each FSDP
+    mesh is ("dp_replicate", "edp") for HSDP, else "edp" (of ``_replica_mesh``)."""
     ep, tp = parallel_dims.ep, parallel_dims.tp
-    if ep == 1 and tp == 1:
+    data_tp = _replica_mesh(mesh, 1) if tp > 1 else None
+    experts = None
+    if moe and (ep > 1 or tp > 1):
+        experts = data_tp if ep == 1 else _replica_mesh(mesh, ep)
+    return ReplicaMeshes(experts["ep"] if ep > 1 else None, _fsdp_part(experts), _fsdp_part(data_tp))
+
+
+def _fsdp_part(replica_mesh: DeviceMesh | None) -> DeviceMesh | None:
+    if replica_mesh is None:
         return None
-    expert_mesh = _moe_mesh(mesh, ep)
-    gate_mesh = (expert_mesh if ep == 1 else _moe_mesh(mesh, 1)) if tp > 1 else None
-    return MoeMeshes(expert_mesh["ep"] if ep > 1 else None, _fsdp_part(expert_mesh),
-                     _fsdp_part(gate_mesh) if gate_mesh is not None else None)
-
-
-def _fsdp_part(moe_mesh: DeviceMesh) -> DeviceMesh:
-    return moe_mesh["dp_replicate", "edp"] if moe_mesh.size(1) > 1 else moe_mesh["edp"]
+    return replica_mesh["dp_replicate", "edp"] if replica_mesh.size(1) > 1 else replica_mesh["edp"]
 
 
 def apply_expert_parallel(model: Qwen3VLModel | PipelineStageModule, ep_mesh: DeviceMesh) -> None:
@@ -486,7 +489,7 @@ def apply_expert_parallel(model: Qwen3VLModel | PipelineStageModule, ep_mesh: De
                                                 num_experts=experts.num_experts, group=ep_mesh.get_group())
 
 
-def _moe_mesh(mesh: ParallelMesh, ep: int) -> DeviceMesh:
+def _replica_mesh(mesh: ParallelMesh, ep: int) -> DeviceMesh:
     """Mesh ("pp", "dp_replicate", "edp", "ep") over the same ranks: "ep" holds the groups of
     ``expert_parallel_group`` (``expert_parallel_blocks``: ep consecutive ranks of "dp_shard_cp"), "edp" the
     ranks at the same position of their ep block (they hold the same experts) together with their tp ranks
@@ -509,18 +512,33 @@ def apply_activation_checkpointing(model: Qwen3VLModel | PipelineStageModule) ->
             blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=False)
 
 
-def apply_moe_fsdp(model: Qwen3VLModel | PipelineStageModule, meshes: MoeMeshes, mp_policy: MixedPrecisionPolicy,
-                   n_ranks: int) -> None:
-    """``fully_shard`` the MoE parameters on their own meshes (before the decoder layers' FSDP): the experts over
-    ``meshes.experts``, the routers over ``meshes.gates`` under tp. Both reduce-scatters SUM over the tp ranks
-    (each routed its own sequence piece) and over the ranks holding the same experts (each rank's expert
-    gradients already sum its ep group's tokens), and divide by the N = ``n_ranks`` data ranks only."""
+def apply_fsdp(model: Qwen3VLModel | PipelineStageModule, mesh: ParallelMesh, meshes: ReplicaMeshes,
+               mixed_precision: str, n_ranks: int) -> None:
+    """Step 5 of ``parallelize_qwen3_vl``: ``fully_shard`` the parameters with replicas seeing different tokens on
+    their own meshes first -- experts (``meshes.experts``), routers and the vision tower under tp
+    (``meshes.data_tp``), reduce-scatters that SUM over those ranks and divide by the N = ``n_ranks`` data
+    ranks only -- then, with N > 1, every vision block, every decoder layer and the root over ``mesh.fsdp``
+    (gradients averaged over N). Without data ranks the other parameters stay unsharded fp32 and so do the
+    summed ones in compute."""
+    mp_policy = _MIXED_PRECISION[mixed_precision if n_ranks > 1 else "fp32"]
     for layer in decoder_layers(model):
         for block in layer.modules():
-            if isinstance(block, SparseMoeBlock):
+            if isinstance(block, SparseMoeBlock) and meshes.experts is not None:
                 _fully_shard_summing(block.experts, meshes.experts, mp_policy, n_ranks)
-                if meshes.gates is not None:
-                    _fully_shard_summing(block.gate, meshes.gates, mp_policy, n_ranks)
+                if meshes.data_tp is not None:
+                    _fully_shard_summing(block.gate, meshes.data_tp, mp_policy, n_ranks)
+    if hasattr(model, "visual"):
+        if meshes.data_tp is not None:  # split by images over tp (split_vision): summed over the tp ranks
+            for block in model.visual.blocks:
+                _fully_shard_summing(block, meshes.data_tp, mp_policy, n_ranks)
+            _fully_shard_summing(model.visual, meshes.data_tp, mp_policy, n_ranks)
+        elif n_ranks > 1:
+            for block in model.visual.blocks:
+                fully_shard(block, mesh=mesh.fsdp, mp_policy=mp_policy)
+    if n_ranks > 1:
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh.fsdp, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh.fsdp, mp_policy=mp_policy)
 
 
 def _fully_shard_summing(module: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, n_ranks: int) -> None:
@@ -530,12 +548,3 @@ def _fully_shard_summing(module: nn.Module, mesh: DeviceMesh, mp_policy: MixedPr
     # reduce-scatter really communicates: over one rank torch divides while copying, and forcing would divide twice.
     if mesh.size(-1) > 1 and hasattr(module, "set_force_sum_reduction_for_comms"):
         module.set_force_sum_reduction_for_comms(True)
-
-
-def apply_fsdp(model: Qwen3VLModel | PipelineStageModule, mesh: ParallelMesh, mp_policy: MixedPrecisionPolicy) -> None:
-    """One ``fully_shard`` per vision block and decoder layer over ``mesh.fsdp``, then the root."""
-    for block in (model.visual.blocks if hasattr(model, "visual") else []):
-        fully_shard(block, mesh=mesh.fsdp, mp_policy=mp_policy)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh.fsdp, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh.fsdp, mp_policy=mp_policy)

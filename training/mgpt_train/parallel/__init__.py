@@ -1,5 +1,6 @@
 """Parallelism primitives written on plain torch.distributed collectives (they run on gloo/CPU as on NCCL/GPU):
-context parallelism for packed causal attention and expert parallelism for MoE layers."""
+context parallelism for packed causal attention, expert parallelism for MoE layers, and the vision tower split
+by images over the ranks sharing a micro-batch."""
 
 from mgpt_train.parallel.context_parallel import (
     cp_attention,
@@ -16,10 +17,12 @@ from mgpt_train.parallel.expert_parallel import (
     expert_parallel_moe,
     shard_experts,
 )
+from mgpt_train.parallel.vision_split import assign_images, split_vision
 
 __all__ = [
     "ExpertParallelMoE",
     "all_to_all_tokens",
+    "assign_images",
     "cp_attention",
     "expert_parallel_group",
     "expert_parallel_moe",
@@ -28,5 +31,6 @@ __all__ = [
     "packed_causal_mask",
     "shard_experts",
     "shard_sequence",
+    "split_vision",
     "unshard_sequence",
 ]
