@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv, load_config
@@ -41,6 +42,41 @@ def test_qwen3_vl_30b_a3b_file_fits_two_h100_nodes():
     assert text.num_hidden_layers % dims.pp == 0 and p.pp_microbatches >= dims.pp
     assert 8 % (dims.tp * dims.cp) == 0 and (dims.tp * dims.dp_shard * dims.cp) == 8  # one stage per node
     assert cfg.model.dtype == "bfloat16" and cfg.profiling.nvtx and cfg.checkpoint.every == 250
+
+
+def test_qwen3_vl_30b_a3b_layout_gives_each_rank_a_sixteenth_of_the_parameters():
+    """The file's layout built for real on 16 simulated ranks (torch's fake process group: this process plays one
+    rank at a time, collectives do nothing; stages on the meta device): each rank's parameter shards are ~1/16
+    of the model -- nothing of size is replicated (experts and routers are sharded over their tp ranks too) --
+    so weights, gradients and two Adam moments in fp32 take under 32 GiB of an 80 GB H100."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mgpt_train.model import Qwen3VLModel
+    from mgpt_train.parallelize import parallelize_pipeline
+    from mgpt_train.pipeline import build_pipeline
+
+    cfg = load_config(CONFIGS / "qwen3_vl_30b_a3b.toml")
+    config, world = cfg.model.build(), 16
+    local_counts = []
+    for rank in range(world):
+        dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+        try:
+            dims = cfg.parallel.dims(world_size=world)
+            mesh = dims.build_mesh("cpu")
+            pipe = build_pipeline(config, mesh["pp"], n_microbatches=cfg.parallel.pp_microbatches, seq_len=4096,
+                                  device="cpu", materialize=False, activation_dtype=torch.bfloat16)
+            parallelize_pipeline(pipe, dims, mesh, mixed_precision="bf16", activation_checkpointing=True)
+            local_counts.append(sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                                    for p in pipe.parameters()))
+        finally:
+            dist.destroy_process_group()
+    with torch.device("meta"):
+        total = sum(p.numel() for p in Qwen3VLModel(config).parameters())  # 31.07 B
+    assert total <= sum(local_counts) < 1.001 * total  # only norm weights are replicated (over tp)
+    assert max(local_counts) < 1.02 * total / world
+    assert max(local_counts) * 16 / 2**30 < 32  # fp32 weights, gradients, Adam moments: GiB per GPU
 
 
 def test_typed_overrides():
