@@ -2,6 +2,9 @@
 ranks (cp=4 on the world group, cp=2 on the "cp" sub-mesh of ParallelDims) against a float64 per-sample causal
 attention over the whole packed sequence: output and dq/dk/dv, packed samples whose boundaries fall inside
 chunks, grouped-query attention, samples of length 1. One spawn of 4 ranks runs every distributed case.
+The varlen layout of the GPU kernel (``segmented_attention`` / ``chunk_segments``) is checked in one process
+with a CPU stand-in for FlashAttention varlen (per-segment SDPA, causal aligned bottom-right) on random
+packings, against the same float64 reference: output and gradients.
 """
 
 import math
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.parallel import (cp_attention, local_positions, make_cp_attention_fn, packed_causal_mask,
                                 shard_sequence, unshard_sequence)
+from mgpt_train.parallel.context_parallel import chunk_segments, segmented_attention
 from mgpt_train.parallel_dims import ParallelDims
 
 WORLD = 4
@@ -82,6 +86,58 @@ def test_packed_causal_mask_matches_per_sample_triangles():
         expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
     positions = local_positions(10, 1, 5)  # the rows a rank at cp=5 would own
     assert torch.equal(packed_causal_mask(positions, torch.arange(10), cu_seqlens), expected[positions])
+
+
+def varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """FlashAttention varlen's contract written with SDPA: segment i of q attends segment i of k/v, causal with
+    the last query aligned to the last key (bottom-right)."""
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    assert max_q == max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+    assert max_k == max(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        lq, lk = qs.shape[0], ks.shape[0]
+        visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=visible, scale=scale,
+            enable_gqa=qs.shape[1] != ks.shape[1])
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cp_size=st.integers(1, 4), chunk=st.integers(1, 5), cuts=st.lists(st.integers(0, 40), max_size=8),
+       kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_segmented_varlen_layout_equals_packed_causal_attention(cp_size, chunk, cuts, kv_heads, seed):
+    total = 2 * cp_size * chunk
+    bounds = sorted({0, total} | {c % (total + 1) for c in cuts})
+    bounds = [0] + [b for b in bounds if 0 < b < total] + [total]
+    if cuts and cuts[0] % 3 == 0:  # an empty sample too (a repeated boundary)
+        bounds.insert(1, bounds[1])
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(total, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(total, kv_heads, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(total, kv_heads, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    grad = torch.randn(total, 2, 4, dtype=torch.float64, generator=gen)
+    reference = reference_attention64(q, k, v, bounds, None)
+    ref_grads = torch.autograd.grad(reference, (q, k, v), grad)
+    outs = []
+    for rank in range(cp_size):
+        late = 2 * cp_size - 1 - rank
+        chunks = [(rank * chunk, (rank + 1) * chunk), (late * chunk, (late + 1) * chunk)]
+        local_q = shard_sequence(q, 0, rank, cp_size)
+        outs.append(segmented_attention(local_q, k, v, bounds, chunks, varlen_on_cpu))
+    out = unshard_sequence(outs, 0)
+    assert _rel(out, reference) < 1e-12
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+        assert _rel(mine, ref) < 1e-12
+
+
+def test_chunk_segments_layout():
+    # samples [0, 3) [3, 10) [10, 12); the chunk [5, 11): rows 5..9 of sample 1 see keys 3..9, row 10 sees 10
+    assert chunk_segments([0, 3, 10, 12], 5, 11) == ([0, 5, 6], [0, 7, 8], 3)
+    assert chunk_segments([0, 12], 4, 8) == ([0, 4], [0, 8], 0)
 
 
 @pytest.mark.parametrize("change, match", [

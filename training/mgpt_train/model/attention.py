@@ -31,16 +31,20 @@ class AttentionInfo:
     """What the default kernel needs besides q, k, v and cu_seqlens; built once per forward."""
     max_seqlen: int  # longest sample (host int: sizes FlashAttention's grid without a device sync)
     sample_ids: torch.Tensor  # int64 [T]: index of the sample each token belongs to
+    boundaries: tuple[int, ...] = ()  # cu_seqlens on the host (read once per forward, with max_seqlen)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "AttentionInfo":
+        bounds = tuple(int(b) for b in cu_seqlens.tolist())
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        sample_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-        return cls(max_seqlen=int(lengths.max()) if len(lengths) else 0, sample_ids=sample_ids)
+        sample_ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                             output_size=bounds[-1] if bounds else 0)
+        max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+        return cls(max_seqlen=max_seqlen, sample_ids=sample_ids, boundaries=bounds)
 
 
 @functools.cache
-def _varlen_causal_kwargs() -> dict | None:
+def varlen_causal_kwargs() -> dict | None:
     """Keyword arguments that make torch's varlen_attn causal and GQA-aware, or None when unusable."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -70,7 +74,7 @@ def _block_causal_sdpa(q, k, v, info: AttentionInfo) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
               info: AttentionInfo) -> torch.Tensor:
     """Causal attention inside each packed sample (see the module docstring)."""
-    varlen_kwargs = _varlen_causal_kwargs()
+    varlen_kwargs = varlen_causal_kwargs()
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_kwargs is not None:
         from torch.nn.attention.varlen import varlen_attn
 

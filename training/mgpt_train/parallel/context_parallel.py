@@ -16,16 +16,22 @@ Memory trade-off, all-gather versus ring: all-gather holds the full K and V of t
 and overlaps cp point-to-point steps with compute. With grouped-query attention K/V are a small fraction of the
 activations, and the all-gather form handles document masks of packed samples without per-step bookkeeping,
 which is why Llama 3 trained long context this way. A ring variant can replace ``_GatherSequence`` later without
-changing the interface.
+changing the interface. The attention itself runs on FlashAttention varlen on CUDA (no mask: each local chunk is
+a contiguous global range, so its queries split by sample and attend one contiguous slice of the gathered K/V,
+``chunk_segments``), and on SDPA with a boolean mask elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from mgpt_train.model.attention import varlen_causal_kwargs
 
 # torch >= 2.12 renames the single-tensor collectives; the GPU stack (2.11) only has the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -146,7 +152,8 @@ def packed_causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, cu_seqlen
 
 
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                 global_pos: torch.Tensor, group=None, scale: float | None = None) -> torch.Tensor:
+                 global_pos: torch.Tensor, group=None, scale: float | None = None,
+                 boundaries: Sequence[int] | None = None) -> torch.Tensor:
     """Causal attention of the local queries over the whole packed sequence, sharded over ``group``.
 
     q [T_local, H, D], k [T_local, H_kv, D], v [T_local, H_kv, D_v] are this rank's ``shard_sequence`` shards
@@ -155,18 +162,22 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     context-parallel process group (``mesh["cp"].get_group()``; None = the default group). Returns
     [T_local, H, D_v]; differentiable in q, k and v.
 
-    This implementation (CPU and GPU alike, for now) builds a boolean [T_local, T] mask for torch SDPA (memory
-    O(T_local * T)). On GPU the same computation maps onto a flash varlen kernel without a mask: each local
-    chunk is a contiguous global range [s, e), so its queries split by sample into cu_seqlens_q, each sample's
-    keys run from the sample start to min(sample end, e) in the gathered (global-order) K/V -> cu_seqlens_k,
-    with causal=True aligned bottom-right.
+    Kernels. CUDA fp16/bf16 with ``boundaries`` (``cu_seqlens`` on the host) -> FlashAttention varlen
+    (``torch.nn.attention.varlen``), no mask: ``segmented_attention`` over the two local chunks. Otherwise a
+    boolean [T_local, T] mask for torch SDPA (memory O(T_local * T): CPU, tests).
     """
     _check_attention_inputs(q, k, v, cu_seqlens, global_pos)
     cp_size = dist.get_world_size(group)
-    _chunk_size(q.size(0) * cp_size, cp_size, "cp_attention")  # the local shard must hold two equal chunks
+    chunk = _chunk_size(q.size(0) * cp_size, cp_size, "cp_attention")  # the local shard holds two equal chunks
     head_dim = k.size(-1)
     kv_global = _GatherSequence.apply(torch.cat([k, v], dim=-1), group)
     k_global, v_global = kv_global.split([head_dim, v.size(-1)], dim=-1)
+    varlen = _cuda_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen is not None and boundaries is not None:
+        rank = dist.get_rank(group)
+        late = 2 * cp_size - 1 - rank
+        chunks = [(rank * chunk, (rank + 1) * chunk), (late * chunk, (late + 1) * chunk)]
+        return segmented_attention(q, k_global, v_global, list(boundaries), chunks, varlen, scale)
     key_pos = torch.arange(kv_global.size(0), device=q.device)
     mask = packed_causal_mask(global_pos.to(q.device), key_pos, cu_seqlens)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k_global.transpose(0, 1), v_global.transpose(0, 1),
@@ -174,16 +185,69 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     return out.transpose(0, 1)
 
 
+def chunk_segments(boundaries: Sequence[int], start: int, end: int) -> tuple[list[int], list[int], int]:
+    """The varlen layout of the queries of global tokens [start, end) (a chunk of the load-balanced shard) over
+    the keys of the whole sequence: (cu_seqlens_q over the chunk's rows, cu_seqlens_k over the key rows from
+    ``key_start``, key_start). Segment i = the chunk's tokens of sample i, [max(a, start), min(b, end)), whose
+    keys are [a, min(b, end)) -- consecutive samples' key ranges are adjacent, so all of them form the one slice
+    [key_start, end) of the global K/V. Causal attention aligned bottom-right (FlashAttention's rule for
+    len_q < len_k) is then exactly the packed causal mask."""
+    cu_q, cu_k, key_start = [0], [0], None
+    for a, b in zip(boundaries[:-1], boundaries[1:]):
+        if b <= start or a >= end or a == b:
+            continue
+        key_start = a if key_start is None else key_start
+        cu_q.append(cu_q[-1] + min(b, end) - max(a, start))
+        cu_k.append(min(b, end) - key_start)
+    return cu_q, cu_k, start if key_start is None else key_start
+
+
+def segmented_attention(q: torch.Tensor, k_global: torch.Tensor, v_global: torch.Tensor, boundaries: Sequence[int],
+                        chunks: Sequence[tuple[int, int]], varlen, scale: float | None = None) -> torch.Tensor:
+    """Causal packed attention of the local queries (the rows of ``chunks``, global ranges in local order) over
+    the gathered K/V, one varlen call per chunk: ``varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` with
+    bottom-right causal alignment (``chunk_segments``)."""
+    outs, row = [], 0
+    for start, end in chunks:
+        cu_q, cu_k, key_start = chunk_segments(boundaries, start, end)
+        rows = end - start
+        max_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+        max_k = max(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
+        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=q.device)
+        outs.append(varlen(q[row:row + rows], k_global[key_start:end], v_global[key_start:end], as_tensor(cu_q),
+                           as_tensor(cu_k), max_q, max_k, scale))
+        row += rows
+    return torch.cat(outs)
+
+
+def _cuda_varlen():
+    """torch's FlashAttention varlen kernel as ``segmented_attention`` calls it, or None where torch lacks it."""
+    kwargs = varlen_causal_kwargs()
+    if kwargs is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        if "enable_gqa" not in kwargs and k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {} if scale is None else {"scale": scale}
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs, **extra)
+
+    return call
+
+
 def make_cp_attention_fn(group=None):
     """An attention kernel with the model's signature ``fn(q, k, v, cu_seqlens, info)`` (install it with
     ``Qwen3VLModel.set_attention_fn``) that runs ``cp_attention`` over ``group``. The local tokens' global
-    positions follow from the load-balanced layout, so ``info`` (built by the model for the unsharded kernel)
-    is not read; ``cu_seqlens`` must be the GLOBAL boundaries."""
+    positions follow from the load-balanced layout; of ``info`` (built by the model from the GLOBAL
+    ``cu_seqlens``) only the host copy of the boundaries is read (the varlen kernel's layout)."""
 
     def attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, info=None
                      ) -> torch.Tensor:
         cp_size = dist.get_world_size(group)
         global_pos = local_positions(q.size(0) * cp_size, dist.get_rank(group), cp_size, device=q.device)
-        return cp_attention(q, k, v, cu_seqlens, global_pos, group)
+        boundaries = getattr(info, "boundaries", None) or None  # the host copy, when the model built one
+        return cp_attention(q, k, v, cu_seqlens, global_pos, group, boundaries=boundaries)
 
     return attention_fn
