@@ -15,10 +15,11 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import DEVICE, rel_err
 from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.parallel import (cp_attention, local_positions, make_cp_attention_fn, packed_causal_mask,
                                 shard_sequence, unshard_sequence)
-from mgpt_train.parallel.context_parallel import chunk_segments, segmented_attention
+from mgpt_train.parallel.context_parallel import _cuda_varlen, chunk_segments, segmented_attention
 from mgpt_train.parallel_dims import ParallelDims
 
 WORLD = 4
@@ -132,6 +133,32 @@ def test_segmented_varlen_layout_equals_packed_causal_attention(cp_size, chunk, 
     assert _rel(out, reference) < 1e-12
     for mine, ref in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
         assert _rel(mine, ref) < 1e-12
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention varlen runs on CUDA only (MGPT_TEST_DEVICE=cuda)")
+def test_segmented_attention_on_flash_varlen_matches_float64():
+    """The CUDA kernel cp_attention uses, on bf16 inputs of a cp=2 layout: output and gradients."""
+    varlen = _cuda_varlen()
+    assert varlen is not None, "this torch has no torch.nn.attention.varlen"
+    bounds, cp_size, chunk = [0, 100, 357, 512, 1024], 2, 256
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1024, heads, 128, generator=gen) for heads in (8, 2, 2))
+    grad = torch.randn(1024, 8, 128, generator=gen)
+    reference = reference_attention64(q, k, v, bounds, None)
+    cuda = [x.to("cuda", torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    outs = []
+    for rank in range(cp_size):
+        late = 2 * cp_size - 1 - rank
+        chunks = [(rank * chunk, (rank + 1) * chunk), (late * chunk, (late + 1) * chunk)]
+        outs.append(segmented_attention(shard_sequence(cuda[0], 0, rank, cp_size), cuda[1], cuda[2], bounds, chunks,
+                                        varlen))
+    out = unshard_sequence(outs, 0)
+    assert rel_err(out, reference) < 2e-2
+    out.backward(grad.to("cuda", torch.bfloat16))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref_grads = torch.autograd.grad(reference_attention64(q64, k64, v64, bounds, None), (q64, k64, v64), grad.double())
+    for mine, ref in zip((x.grad for x in cuda), ref_grads):
+        assert rel_err(mine, ref) < 3e-2
 
 
 def test_chunk_segments_layout():
