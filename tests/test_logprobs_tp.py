@@ -7,17 +7,13 @@ every rank's d weight / d bias shard. Always CPU tensors (one GPU cannot host tw
 face runs in the interpreter; the cpu face is included once its C++ kernels are registered.
 """
 
-import datetime
-import json
-import os
-import socket
-import traceback
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_ops._backend import available_backends
 
 WORLD = 2
@@ -29,12 +25,6 @@ def tp_faces() -> list[str]:
     faces = available_backends(torch.device("cpu"), ("reference", "triton", "cpu"))
     has_cpu_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("mgpt::logits_row_stats", "CPU")
     return [f for f in faces if f != "cpu" or has_cpu_kernels]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rel(out, ref) -> float:
@@ -104,32 +94,20 @@ def _error_message(rows: int, label: int) -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, faces: list[str], out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
-        result = {"faces": {face: _case(rank, face) for face in faces},
-                  # Ranks passing different token counts get a clear error on every rank, not a hang.
-                  "mismatch": _error_message(rows=4 + rank, label=0),
-                  # Labels are checked against the global vocabulary (11 + 11 = 22 ids here).
-                  "label_range": _error_message(rows=1, label=22),
-                  "label_ok": _error_message(rows=1, label=21)}
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    os._exit(0)  # skip destroy_process_group: it aborts now and then at exit (toolchain notes)
+def _rank_body(faces: list[str], rank: int) -> dict:
+    return {"faces": {face: _case(rank, face) for face in faces},
+            # Ranks passing different token counts get a clear error on every rank, not a hang.
+            "mismatch": _error_message(rows=4 + rank, label=0),
+            # Labels are checked against the global vocabulary (11 + 11 = 22 ids here).
+            "label_range": _error_message(rows=1, label=22),
+            "label_ok": _error_message(rows=1, label=21)}
 
 
 @pytest.mark.distributed
 def test_vocab_parallel_matches_unsharded_and_reference(tmp_path):
     # One spawn for all faces (ranks take seconds to start).
     faces = tp_faces()
-    mp.spawn(_worker, args=(_free_port(), faces, str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert "error" not in result, result.get("error")
+    for rank, result in enumerate(run_on_gloo_ranks(functools.partial(_rank_body, faces), WORLD, tmp_path)):
         assert "same 'hidden' rows" in result["mismatch"] and "N=[4, 5]" in result["mismatch"], result["mismatch"]
         assert "'labels'" in result["label_range"] and "[0, 22)" in result["label_range"], result["label_range"]
         assert result["label_ok"] == "no error", result["label_ok"]

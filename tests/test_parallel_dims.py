@@ -2,14 +2,12 @@
 dims' groups, the flattened sub-meshes and the FSDP / HSDP mesh, read without torch's warning about slicing
 flattened dims from the root mesh."""
 
-import os
-import socket
 import warnings
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.parallel_dims import ParallelDims
 
 
@@ -42,21 +40,15 @@ def test_model_and_sequence_checks():
         dims.check_sequence(10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_body(rank: int) -> dict:
+    world = dist.get_world_size()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mesh = ParallelDims(world_size=world, dp_replicate=1, dp_shard=2, tp=2).build_mesh("cpu")
-        sizes = {name: mesh[name].size() for name in ("dp_shard", "tp", "dp", "dp_shard_cp", "dp_cp")}
+        sizes = {name: mesh[name].size() for name in ("dp_shard", "tp", "dp", "dp_shard_cp", "dp_cp", "cp_tp")}
         # tp is the fastest-varying dim: ranks {0,1} form one tp group, {0,2} one dp_shard group.
         tp_peers = sorted(dist.get_process_group_ranks(mesh["tp"].get_group()))
+        cp_tp_peers = sorted(dist.get_process_group_ranks(mesh["cp_tp"].get_group()))
         dp_peers = sorted(dist.get_process_group_ranks(mesh["dp_shard"].get_group()))
         fsdp_peers = sorted(dist.get_process_group_ranks(mesh.fsdp.get_group()))
         hsdp = ParallelDims(world_size=world, dp_replicate=2, dp_shard=2).build_mesh("cpu").fsdp
@@ -78,32 +70,21 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         unknown = "no error"
     except KeyError as exc:
         unknown = str(exc)
-    flattened_warnings = [str(w.message) for w in caught if "flattened" in str(w.message)]
-    queue.put((rank, sizes, tp_peers, dp_peers, fsdp_peers, hsdp.mesh_dim_names, hsdp_peers, flattened_warnings,
-               unknown, old_hsdp_peers))
-    dist.barrier()
-    os._exit(0)
+    return {"sizes": sizes, "tp_peers": tp_peers, "cp_tp_peers": cp_tp_peers, "dp_peers": dp_peers,
+            "fsdp_peers": fsdp_peers, "hsdp_names": list(hsdp.mesh_dim_names), "hsdp_peers": hsdp_peers,
+            "flattened_warnings": [str(w.message) for w in caught if "flattened" in str(w.message)],
+            "unknown": unknown, "old_hsdp_peers": old_hsdp_peers}
 
 
 @pytest.mark.distributed
-def test_mesh_on_four_gloo_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 4, port, queue)) for r in range(4)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    for (rank, sizes, tp_peers, dp_peers, fsdp_peers, hsdp_names, hsdp_peers, flattened_warnings, unknown,
-         old_hsdp) in results:
-        assert sizes == {"dp_shard": 2, "tp": 2, "dp": 2, "dp_shard_cp": 2, "dp_cp": 2}
-        assert tp_peers == [rank - rank % 2, rank - rank % 2 + 1]
-        assert dp_peers == fsdp_peers == [rank % 2, rank % 2 + 2]
+def test_mesh_on_four_gloo_ranks(tmp_path):
+    for rank, r in enumerate(run_on_gloo_ranks(_rank_body, 4, tmp_path)):
+        assert r["sizes"] == {"dp_shard": 2, "tp": 2, "dp": 2, "dp_shard_cp": 2, "dp_cp": 2, "cp_tp": 2}
+        assert r["tp_peers"] == r["cp_tp_peers"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert r["dp_peers"] == r["fsdp_peers"] == [rank % 2, rank % 2 + 2]
         # HSDP over (dp_replicate, dp_shard): replicas {r, r+2}, shards {0,1} / {2,3}
-        assert hsdp_names == ("dp_replicate", "dp_shard_cp")
-        assert hsdp_peers == [[rank % 2, rank % 2 + 2], [rank - rank % 2, rank - rank % 2 + 1]]
-        assert old_hsdp == hsdp_peers
-        assert flattened_warnings == []
-        assert "unknown mesh dim 'dp_shard_tp'" in unknown and "ParallelMesh.fsdp" in unknown
+        assert r["hsdp_names"] == ["dp_replicate", "dp_shard_cp"]
+        assert r["hsdp_peers"] == [[rank % 2, rank % 2 + 2], [rank - rank % 2, rank - rank % 2 + 1]]
+        assert r["old_hsdp_peers"] == r["hsdp_peers"]
+        assert r["flattened_warnings"] == []
+        assert "unknown mesh dim 'dp_shard_tp'" in r["unknown"] and "ParallelMesh.fsdp" in r["unknown"]

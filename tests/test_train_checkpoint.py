@@ -1,15 +1,14 @@
 """DCP checkpoints: exact resume of model, optimizer, run state and RNG, single process and FSDP2 on 2 gloo ranks."""
 
-import os
+import functools
 import random
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train import checkpoint
 
 
@@ -127,19 +126,11 @@ def test_bad_arguments(tmp_path):
         checkpoint.load(model, optimizer, tmp_path, step="last")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_worker(rank: int, world: int, port: int, directory: str, resume: bool, queue) -> None:
+def _fsdp_body(directory: str, resume: bool, rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(123 if resume else 0)  # the resumed run starts from other weights: the load must fix them
     model = _mlp()
     for layer in (model[0], model[3], model):
@@ -154,41 +145,30 @@ def _fsdp_worker(rank: int, world: int, port: int, directory: str, resume: bool,
         losses.append(_train_step(model, optimizer))
         if step == 3 and not resume:
             checkpoint.save(3, model, optimizer, {"data_position": 3 * 5, "rank": rank}, directory, keep=1)
-            # numpy arrays travel by value (a tensor in a queue needs its sender alive)
-            full_at_3 = {k: v.full_tensor().numpy() for k, v in model.state_dict().items()}
-    queue.put((rank, losses, extra, full_at_3))
-    dist.barrier()
-    dist.destroy_process_group()
+            full_at_3 = {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}  # exact in JSON
+    return {"losses": losses, "extra": extra, "full_at_3": full_at_3}
 
 
-def _spawn(directory, resume: bool) -> list:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, str(directory), resume, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+def _spawn(directory, resume: bool, results_dir) -> list[dict]:
+    results_dir.mkdir()
+    return run_on_gloo_ranks(functools.partial(_fsdp_body, str(directory), resume), 2, results_dir)
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_resume_matches_uninterrupted_run(tmp_path):
-    uninterrupted = _spawn(tmp_path, resume=False)
-    resumed = _spawn(tmp_path, resume=True)
-    for (rank, full_losses, _, _), (_, resumed_losses, extra, _) in zip(uninterrupted, resumed):
-        assert len(full_losses) == 6 and len(resumed_losses) == 3
-        assert resumed_losses == full_losses[3:]  # bitwise: same kernels, same reduction order
-        assert extra == {"data_position": 15, "rank": rank}
-    assert uninterrupted[0][1] != uninterrupted[1][1]  # the ranks really saw different data
+    directory = tmp_path / "checkpoints"
+    uninterrupted = _spawn(directory, resume=False, results_dir=tmp_path / "first")
+    resumed = _spawn(directory, resume=True, results_dir=tmp_path / "resumed")
+    for rank, (full, again) in enumerate(zip(uninterrupted, resumed)):
+        assert len(full["losses"]) == 6 and len(again["losses"]) == 3
+        assert again["losses"] == full["losses"][3:]  # bitwise: same kernels, same reduction order
+        assert again["extra"] == {"data_position": 15, "rank": rank}
+    assert uninterrupted[0]["losses"] != uninterrupted[1]["losses"]  # the ranks really saw different data
 
     # Resharding 2 ranks -> 1 plain process: the full tensors come back, with a warning about the run state.
     plain = _mlp()
     with pytest.warns(UserWarning, match="saved by 2 ranks, loading on 1"):
-        step, extra = checkpoint.load(plain, _optimizer(plain), tmp_path)
+        step, extra = checkpoint.load(plain, _optimizer(plain), directory)
     assert step == 3 and extra["rank"] == 0
     for name, value in plain.state_dict().items():
-        assert torch.equal(value, torch.from_numpy(uninterrupted[0][3][name])), name
+        assert torch.equal(value, torch.tensor(uninterrupted[0]["full_at_3"][name], dtype=value.dtype)), name

@@ -33,23 +33,18 @@ errors. One spawn per world size runs all its layouts.
 """
 
 import dataclasses
-import datetime
-import json
 import math
-import os
-import socket
-import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from conftest import rel_err
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
 from mgpt_train.model.moe import SparseMoeBlock
 from mgpt_train.parallel import assign_images
@@ -369,61 +364,45 @@ def meta_device_step(world: int) -> dict:
             "expert_grad_norm": grads["language_model.layers.0.mlp.experts.gate_up_proj"].norm().item()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+def _rank_body(rank: int) -> dict:
+    """Every layout of this world size, then its error cases; rank 0 also runs the references and compares."""
+    world = dist.get_world_size()
     torch.set_num_threads(1)
     result, references = {}, {}
-    try:
-        for name, dims_kwargs, make_config, options in LAYOUTS[world]:
-            config = make_config()
-            dims = ParallelDims(world_size=world, **dims_kwargs)
-            data_ranks = dims.dp_replicate * dims.dp_shard
-            if dims.pp > 1:  # micro-batch 1 (data rank 0) is text only: the other data rank's has images. All are
-                # padded to 48 tokens, so the pipeline adds no padding of its own (that would change the MoE aux loss).
-                batches = [make_batch(config, seed=10 + i, images=i != 1)
-                           for i in range(data_ranks * PIPELINE_MICROBATCHES)]
-                steps = pipeline_run(config, dims, batches, options)
-            else:  # with 2 data ranks, rank 1's batch is text only (FSDP runs the vision tower idle there)
-                batches = [make_batch(config, seed=10 + i, images=i != 1 or data_ranks != 2)
-                           for i in range(data_ranks)]
-                steps = parallel_run(config, dims, batches, options)
-            if rank == 0:
-                key = (make_config.__name__, len(batches), len(steps) - 1, dims.pp)
-                if key not in references:
-                    references[key] = reference_run(config, batches, len(steps) - 1, log_aux=dims.pp == 1)
-                ref_steps = references[key]
-                if dims.pp > 1 and config.tie_word_embeddings:  # the last stage's copy: the embedding's gradient
-                    ref_steps = [(loss, {**grads, "lm_head.weight": grads["language_model.embed_tokens.weight"]})
-                                 for loss, grads in ref_steps]
-                ref_shapes = {n: list(t.shape) for n, t in build_model(config).state_dict().items()}
-                result[name] = compare(steps, ref_steps, ref_shapes)
-            dist.barrier()
-        if world == 2:
-            result["meta"] = meta_device_step(world)
-            result["errors"] = bad_configs(world)
-        elif world == 4:
-            result["errors"] = pipeline_bad_configs(world)
-    except Exception:  # reported to the parent, which fails the test with it
-        result = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    os._exit(0)  # skip destroy_process_group: it aborts now and then at exit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name, dims_kwargs, make_config, options in LAYOUTS[world]:
+        config = make_config()
+        dims = ParallelDims(world_size=world, **dims_kwargs)
+        data_ranks = dims.dp_replicate * dims.dp_shard
+        if dims.pp > 1:  # micro-batch 1 (data rank 0) is text only: the other data rank's has images. All are
+            # padded to 48 tokens, so the pipeline adds no padding of its own (that would change the MoE aux loss).
+            batches = [make_batch(config, seed=10 + i, images=i != 1)
+                       for i in range(data_ranks * PIPELINE_MICROBATCHES)]
+            steps = pipeline_run(config, dims, batches, options)
+        else:  # with 2 data ranks, rank 1's batch is text only (FSDP runs the vision tower idle there)
+            batches = [make_batch(config, seed=10 + i, images=i != 1 or data_ranks != 2)
+                       for i in range(data_ranks)]
+            steps = parallel_run(config, dims, batches, options)
+        if rank == 0:
+            key = (make_config.__name__, len(batches), len(steps) - 1, dims.pp)
+            if key not in references:
+                references[key] = reference_run(config, batches, len(steps) - 1, log_aux=dims.pp == 1)
+            ref_steps = references[key]
+            if dims.pp > 1 and config.tie_word_embeddings:  # the last stage's copy: the embedding's gradient
+                ref_steps = [(loss, {**grads, "lm_head.weight": grads["language_model.embed_tokens.weight"]})
+                             for loss, grads in ref_steps]
+            ref_shapes = {n: list(t.shape) for n, t in build_model(config).state_dict().items()}
+            result[name] = compare(steps, ref_steps, ref_shapes)
+        dist.barrier()
+    if world == 2:
+        result["meta"] = meta_device_step(world)
+        result["errors"] = bad_configs(world)
+    elif world == 4:
+        result["errors"] = pipeline_bad_configs(world)
+    return result
 
 
 def _spawn(world: int, tmp_path) -> list[dict]:
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for result in results:
-        assert "error" not in result, result.get("error")
-    return results
+    return run_on_gloo_ranks(_rank_body, world, tmp_path, timeout_s=300)
 
 
 def _check_layouts(result: dict, world: int) -> None:
