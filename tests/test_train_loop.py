@@ -192,14 +192,14 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
 
 
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
-# (some empty); tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
+# (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
 # pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
 # pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks;
 # MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, layout, data_ranks", [
     (2, ["--parallel.dp_shard=2"], 2),
-    (2, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=3"], 1),
+    (2, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=3", "--model.compile=true"], 1),
     (2, ["--parallel.dp_shard=1", "--parallel.tp=2"], 1),
     (4, ["--parallel.dp_shard=2", "--parallel.pp=2", "--parallel.pp_microbatches=2"], 2),
     (4, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.cp=2", "--parallel.pp_microbatches=2"], 1),
@@ -256,8 +256,7 @@ def test_bad_configuration_is_reported(tmp_path, capsys, argv, message):
 
 
 def test_unsupported_layouts_are_config_errors():
-    with pytest.raises(ConfigError, match="'model.compile': not applied to pipeline stages"):
-        check_layout(load_config(None, ["--model.compile=true"]), ParallelDims(world_size=4, pp=2))
+    check_layout(load_config(None, ["--model.compile=true"]), ParallelDims(world_size=4, pp=2))
     for dims in (ParallelDims(world_size=8, pp=2, dp_replicate=2), ParallelDims(world_size=8, pp=2, tp=2),
                  ParallelDims(world_size=8, pp=2, ep=2), ParallelDims(world_size=8, pp=2, cp=2)):
         check_layout(load_config(), dims)
@@ -265,6 +264,19 @@ def test_unsupported_layouts_are_config_errors():
         check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2, dp_shard=1, tp=2))
     check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2))
     check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=1))  # autocast
+
+
+def test_compiled_decoder_layers_train_like_eager(tmp_path):
+    """model.compile=true: every decoder layer under torch.compile (inductor; C++ on the CPU) gives the eager
+    run's losses (the pipeline case runs under torchrun above)."""
+    losses = {}
+    for compiled in ("false", "true"):
+        trainer = Trainer(config(tmp_path / compiled, *stages_override((1, {})), f"--model.compile={compiled}"))
+        stage, batch = next(trainer.curriculum)
+        losses[compiled] = [trainer.train_step(stage, trainer.prepare(batch), lr=2e-3)["loss"] for _ in range(3)]
+    layer = trainer.model.language_model.layers[0]
+    assert layer._compiled_call_impl is not None  # nn.Module.compile() wraps the layer's call
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5), losses
 
 
 def test_single_process_bf16_is_autocast_with_fp32_weights(tmp_path):

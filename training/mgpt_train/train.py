@@ -12,7 +12,7 @@ One run (every rank computes, rank 0 prints and writes the result files):
      (or HF) model on every rank, then ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
      ``model.dtype = "bfloat16"``; one process autocasts to bf16 instead) -- or parallelized on the meta device and only
      this rank's shards materialised and filled (what a 30B model needs; seeded values then depend on the layout).
-     Pipeline parallelism (``parallel.pp`` > 1, combined with any of the other degrees, not with compile):
+     Pipeline parallelism (``parallel.pp`` > 1, combined with any of the other degrees):
      ``mgpt_train.pipeline`` stages on the meta device, ``parallelize_pipeline`` (CP / TP / EP / AC / FSDP2 per
      stage), then the same seeded weights loaded into them; each step's micro-batch is split by whole
      samples into ``parallel.pp_microbatches`` pipeline micro-batches (sharded init: the stages' shards are
@@ -120,10 +120,7 @@ def make_encoder(cfg: TrainConfig, model_config, tokenizer: ByteTokenizer) -> Sa
 
 
 def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
-    """ConfigErrors for what this trainer does not combine: pipeline stages with compile, bf16 without FSDP."""
-    if dims.pp > 1 and cfg.model.compile:
-        raise ConfigError("config key 'model.compile': not applied to pipeline stages (parallel.pp > 1); set it "
-                          "to false")
+    """ConfigErrors for what this trainer does not combine: bf16 without FSDP."""
     if cfg.model.dtype == "bfloat16" and dims.world_size > 1 and dims.dp_replicate * dims.dp_shard * dims.cp == 1:
         raise ConfigError("config key 'model.dtype': bfloat16 is FSDP2's mixed precision (bf16 compute, fp32 "
                           "weights and reductions) and needs several data/context-parallel ranks (or one process, "
@@ -154,9 +151,17 @@ def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device
         model.tie_weights()
         fill_sharded(model, cfg, config)
     if cfg.model.compile:
-        for layer in model.language_model.layers:
-            layer.compile()
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(part: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder layer of a model or pipeline stage (``model.compile``), in place: one
+    compiled region per layer, so FSDP / TP / pipeline boundaries stay outside the graphs."""
+    from mgpt_train.parallelize import decoder_layers
+
+    for layer in decoder_layers(part):
+        layer.compile()
 
 
 def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device, dims: ParallelDims, mesh):
@@ -183,6 +188,9 @@ def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.de
             fill_sharded(module, cfg, config)
     else:
         pipe.load_full_state_dict(init_model(cfg, tokenizer, device).state_dict())
+    if cfg.model.compile:
+        for module in pipe.stage_modules:
+            compile_decoder_layers(module)
     return pipe
 
 
