@@ -27,7 +27,7 @@ import torch
 
 from mgpt_train import checkpoint
 from mgpt_train.config import ConfigError, load_config
-from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, parameter_part
+from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, evaluate_by_tag, parameter_part
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.train import (CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, build_model, build_optimizer,
                               check_layout, load_data, main, make_encoder)
@@ -157,15 +157,15 @@ def test_frozen_parts_do_not_change_and_lr_follows_the_stages(tmp_path):
 
 # ----------------------------------------------------------------------------------- (d) torchrun, 2 ranks
 
-def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
+def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[str, float]]:
     """(loss, gradient norm) per step of a single process without parallelism, each step on the union of every
     data-parallel rank's micro-batch (curricula built for dp ranks 0..world-1), with the token-weighted mean loss
-    and torch's own gradient clipping."""
+    and torch's own gradient clipping; and the held-out accuracy per tag of the final weights."""
     tokenizer = ByteTokenizer()
     model = build_model(cfg, tokenizer, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     encoder = make_encoder(cfg, model.config, tokenizer)
-    train, _ = load_data(cfg)
+    train, heldout = load_data(cfg)
     curricula = [Curriculum(cfg.curriculum_stages(), train, encoder, seed=cfg.data.seed, dp_rank=r, dp_size=world)
                  for r in range(world)]
     steps, stage_name = [], None
@@ -188,7 +188,10 @@ def reference_steps(cfg, world: int) -> list[tuple[float, float]]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps.append((loss.item(), norm.item()))
-    return steps
+    budget = max(cfg.data.max_tokens, max(encoder.num_tokens(sample) for sample in heldout))
+    with torch.no_grad():
+        accuracy = evaluate_by_tag(lambda b: model.logits(b).argmax(-1), heldout, encoder, budget)
+    return steps, accuracy
 
 
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
@@ -219,7 +222,7 @@ def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     saved = json.loads((tmp_path / METRICS_FILE).read_text())
     assert saved["world_size"] == world
     steps = [(s["loss"], s["grad_norm"]) for s in saved["steps"]]
-    reference = reference_steps(load_config(None, overrides), world=data_ranks)
+    reference, final_accuracy = reference_steps(load_config(None, overrides), world=data_ranks)
     assert len(steps) == len(reference) == 4
     for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
         assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5), (steps,
@@ -227,7 +230,8 @@ def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     assert min(norm for _, norm in reference) > 0.5  # clipping was active on every step
     assert steps[-1][0] < steps[0][0]
     evaluated = [e["name"] for e in saved["evals"]]
-    assert evaluated == ([] if "--parallel.pp=2" in layout else ["initial", "stage0", "stage1"])
+    assert evaluated == ["initial", "stage0", "stage1"]  # every layout evaluates (tp / cp / pp: unsharded copy)
+    assert saved["evals"][-1]["accuracy"] == final_accuracy  # of the same weights as one process's
     assert "Slicing a flattened dim" not in run.stderr
 
 

@@ -37,8 +37,8 @@ One run (every rank computes, rank 0 prints and writes the result files):
      torch.profiler trace.
   6. at the end of every stage (and before the first step): ``evaluate_by_tag`` on the held-out set (greedy answer
      exact match, per tag and tag prefix), printed as a table with one column per evaluation, so forgetting of
-     the general tasks between stages shows (tp / cp: on an unsharded copy of the weights; skipped under pp,
-     whose stages give no full logits). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
+     the general tasks between stages shows (tp / cp / pp: on an unsharded copy of the weights, gathered on every
+     rank). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
      position, metrics history) every ``checkpoint.every`` steps and at the end; ``checkpoint.resume`` continues
      from one.
   7. outputs in ``output_dir``: ``config.json`` (resolved), ``metrics.json`` (per-step metrics, per-stage
@@ -430,12 +430,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, name: str) -> None:
         """Held-out exact match per tag, appended to ``self.evals`` and printed (collective: every rank runs it)."""
-        if self.pipeline is not None:
-            self.log(f"evaluation '{name}' skipped: pipeline stages give no full logits")
-            return
         longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
         budget = max(self.cfg.data.max_tokens, longest)
-        if self.split > 1:  # tp / cp split the forward's tokens: evaluate an unsharded copy instead
+        if self.split > 1 or self.pipeline is not None:  # tp / cp / pp split the forward: use an unsharded copy
             copy = self._unsharded_copy()
             accuracy = evaluate_by_tag(lambda b: copy.logits(self.to_device(b)).argmax(-1), self.heldout,
                                        self.encoder, budget)
@@ -459,10 +456,17 @@ class Trainer:
         self.log(f"held-out exact match after {name} (step {self.step}): {shown}")
 
     def _unsharded_copy(self) -> Qwen3VLModel:
-        """A plain model with the current weights on every rank (the full state dict is gathered collectively)."""
+        """A plain model with the current weights on every rank (the full state dict is gathered collectively:
+        over the FSDP / TP groups of each part, then, for pipeline stages, over the pp ranks)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state = {}
+        for part in self.parts:
+            state.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
+        if self.pipeline is not None:
+            stages = [None] * self.dims.pp
+            dist.all_gather_object(stages, {k: v.cpu() for k, v in state.items()}, group=self.pp_group)
+            state = {k: v for stage in stages for k, v in stage.items()}
         with torch.device("meta"):
             copy = Qwen3VLModel(self.model_config)
         copy.to_empty(device=self.device)
