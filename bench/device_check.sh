@@ -27,8 +27,13 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 BENCH_TIMEOUT_quant=${BENCH_TIMEOUT_quant:-50}
 BENCH_TIMEOUT_train=${BENCH_TIMEOUT_train:-100}  # builds 1.2B / 2.8B-parameter models, times whole steps
 BENCH_FAMILIES=${BENCH_FAMILIES:-vision quant train}
-# pytest selection; distributed tests are CPU/gloo tests: nothing about them changes on a GPU.
-TEST_ARGS=${TEST_ARGS-'-m "not distributed" tests/'}
+# pytest selection; distributed tests are CPU/gloo tests: nothing about them changes on a GPU. The files of the
+# GPU kernels come first (pytest keeps the order of the files it is given; a directory would run alphabetically
+# and the vision / quant kernels would fall behind the time limit), then every other test file.
+GPU_FIRST="tests/test_vision_attention.py tests/test_hf_patch.py tests/test_scaled_mm.py tests/test_block_scaled_mm.py
+  tests/test_grouped_block_mm.py tests/test_w4a16.py tests/test_quantize.py tests/test_train_context_parallel.py"
+OTHER_TESTS=$(cd "$(dirname "$0")/.." && ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $GPU_FIRST) | tr '\n' ' ')
+TEST_ARGS=${TEST_ARGS-"-m 'not distributed' $(echo $GPU_FIRST) $OTHER_TESTS"}
 # extra bench arguments, e.g. BENCH_ARGS='--only "N=8192"' to fit a short lease
 BENCH_ARGS=${BENCH_ARGS-}
 PY=${PYTHON:-python3}
