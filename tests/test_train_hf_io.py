@@ -177,6 +177,13 @@ def test_run_from_hf_folder_starts_at_hf_loss_and_exports_what_transformers_load
     first, second = load_file(exported / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
+    # checkpoint.export_dtype=bfloat16: the same folder with the weights rounded to bf16
+    trainer.cfg.checkpoint.export_dtype = "bfloat16"
+    trainer.export_hf()
+    halved = load_file(exported / "model.safetensors")
+    assert halved.keys() == first.keys()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, first[k].to(torch.bfloat16)) for k, v in halved.items())
+
 
 def test_moe_folder_round_trip_through_export(moe_dir, tmp_path):
     cfg = load_config(None, [*SMALL, TWO_STEPS, f"--model.hf_checkpoint={moe_dir}", "--checkpoint.export_hf=true",
@@ -312,6 +319,8 @@ def test_torchrun_fsdp_sharded_init_tiny_preset_exports_loadable_weights(tmp_pat
         export.export_checkpoint(step_folder, tmp_path / "hf_moe", other)
     with pytest.raises(ValueError, match="'dtype' must be one of \\['bfloat16', 'float32'\\], got 'float16'"):
         export.export_checkpoint(step_folder, tmp_path / "hf_fp16", dtype="float16")
+    with pytest.raises(ConfigError, match="'checkpoint.export_dtype': expected 'float32' or 'bfloat16'"):
+        load_config(None, ["--checkpoint.export_dtype=float16"])
 
 
 # ----------------------------------------------------------------------------------- bad inputs

@@ -232,9 +232,12 @@ class CheckpointConfig:
     keep: int | None = 2  # most recent checkpoints kept (None = all)
     resume: str = "latest"  # "latest" (if any), "never", or a step number
     export_hf: bool = False  # write a Hugging Face model folder <output_dir>/hf at the end of the run
+    export_dtype: str = "float32"  # its weights: "float32" (the trained values) or "bfloat16" (half the size)
 
     def __post_init__(self):
         _check(self.every >= 0, "checkpoint.every", "an int >= 0", self.every)
+        _check(self.export_dtype in ("float32", "bfloat16"), "checkpoint.export_dtype", "'float32' or 'bfloat16'",
+               self.export_dtype)
         _check(self.keep is None or self.keep >= 1, "checkpoint.keep", "None or an int >= 1", self.keep)
         _check(self.resume in ("latest", "never") or self.resume.isdigit(), "checkpoint.resume",
                "'latest', 'never' or a step number", self.resume)

@@ -533,7 +533,8 @@ class Trainer:
         """Rank 0 writes ``<output_dir>/hf`` from the final checkpoint; the other ranks wait for it."""
         if self.rank == 0:
             out = export_checkpoint(checkpoint.step_dir(self.cfg.checkpoint_dir, self.step),
-                                    Path(self.cfg.output_dir) / HF_DIR, self.cfg, log=self.log)
+                                    Path(self.cfg.output_dir) / HF_DIR, self.cfg,
+                                    dtype=self.cfg.checkpoint.export_dtype, log=self.log)
             self.log(f"exported the Hugging Face model folder {out}")
         if dist.is_initialized():
             dist.barrier()
