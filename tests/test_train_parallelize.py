@@ -19,7 +19,7 @@ piece -- checked on every MoE block's input rows -- and FSDP over the tp ranks s
 5e-2), and the meta-device flow (parallelize, to_empty, init_weights, one step); 4 ranks -- dp_replicate=2 x
 dp_shard=2 (HSDP), cp=2 x tp=2 (untied head, uneven vocabulary shards), dp_shard=2 x cp=2 x ep=2 (MoE: router
 statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x tp=2 x ep=2 and dp_shard=2 x tp=2 (MoE
-on sequence pieces), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
+on sequence pieces; the first also in bf16 mixed precision, loss within 5e-2), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
 rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation checkpointing; tied head, its
 copy on the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x
 tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
@@ -89,6 +89,7 @@ LAYOUTS = {
         ("dp_shard2_cp2_ep2_moe", dict(dp_shard=2, cp=2, ep=2), moe_config, {}),
         ("dp_shard2_tp2_ep2_moe", dict(dp_shard=2, tp=2, ep=2), moe_config, {}),
         ("dp_shard2_tp2_moe", dict(dp_shard=2, tp=2), moe_config, {}),
+        ("dp_shard2_tp2_ep2_moe_bf16", dict(dp_shard=2, tp=2, ep=2), moe_config, dict(mixed_precision="bf16")),
         ("pp2_tp2_moe", dict(pp=2, dp_shard=1, tp=2), moe_config, {}),
         ("pp2_dp_shard2_ac", dict(pp=2, dp_shard=2), dense_config, dict(activation_checkpointing=True)),
         ("pp2_tp2_untied_head", dict(pp=2, dp_shard=1, tp=2), untied_config, {}),
