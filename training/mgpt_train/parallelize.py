@@ -32,7 +32,9 @@ FSDP2 AVERAGES gradients over the dp_replicate x dp_shard x cp ranks (N of them)
     loss_sum_local * N / global_tokens  + coef * aux_loss
 and the average of the N gradients is the gradient of that objective (tp ranks hold identical losses and are not
 averaged). Expert parameters under EP receive the sum over their ep group's tokens already (the all-to-all
-backward), so their FSDP reduction divides by N as well (not by its own N/ep ranks).
+backward), so their FSDP reduction divides by N as well (not by its own N/ep ranks). Under tp, the MoE
+parameters and the vision tower get from each tp rank the gradient of its own tokens / images only: their FSDP
+reduction also SUMS over the tp ranks and still divides by N.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
            ``fully_shard`` (``apply_fsdp``, also with tp alone): the experts over the ranks holding the same
            experts and their tp ranks (dp_replicate x dp_shard_cp x tp / ep), the routers and the vision tower
            under tp over dp_replicate x dp_shard_cp x tp; those sum over their ranks and divide by N only (module
-           docstring). ``mixed_precision``: "bf16" (bf16
-           parameters in compute, fp32 gradient reduction) or "fp32".
+           docstring). ``mixed_precision``: "bf16" (bf16 parameters in compute, fp32 gradient reduction) or
+           "fp32".
            A batch (pipeline micro-batch) without images then runs the vision tower idle (``idle_vision``), so
            every data rank issues the same FSDP collectives.
     """
@@ -118,7 +120,6 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
     if tokens.sharded:
         model.language_model.register_forward_pre_hook(tokens.shard_decoder_inputs)
         model.language_model.register_forward_hook(tokens.gather_decoder_outputs)
-    if tokens.sharded:
         split_vision(model.visual, mesh["cp_tp"].get_group(), replicas=parallel_dims.tp)
     n_ranks = parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp
     model.forward = _sharded_loss_forward(model, tokens, vision_every_batch=n_ranks > 1)
