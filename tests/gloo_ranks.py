@@ -40,3 +40,13 @@ def run_on_gloo_ranks(body, world: int, tmp_path, timeout_s: int = 120) -> list[
     for result in results:
         assert "error" not in result, result.get("error")
     return results
+
+
+def error_message(fn) -> str:
+    """The ValueError ``fn()`` raises, as text ("no error" when it returns): what a rank reports for a call that
+    must fail on every rank alike (a JSON-able result, unlike the exception)."""
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

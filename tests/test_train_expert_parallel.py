@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gloo_ranks import run_on_gloo_ranks
+from gloo_ranks import error_message, run_on_gloo_ranks
 from mgpt_train.parallel import ExpertParallelMoE, all_to_all_tokens, expert_parallel_group, shard_experts
 from mgpt_train.parallel.expert_parallel import expert_parallel_blocks, expert_parallel_moe
 from mgpt_train.parallel_dims import MESH_DIMS, ParallelDims
@@ -183,14 +183,6 @@ def _grouped_experts_case(group) -> dict:
     return errors
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
-
-
 def _rank_body(rank: int) -> dict:
     mesh = ParallelDims(world_size=WORLD, dp_shard=2, cp=2, ep=2).build_mesh("cpu")
     ep4, ep2 = expert_parallel_group(mesh, 4), expert_parallel_group(mesh, 2)
@@ -199,14 +191,14 @@ def _rank_body(rank: int) -> dict:
               "ep4": _case(4, ep4, seed=3),
               "ep2": _case(2, ep2, seed=5 + rank // 2),  # the two ep=2 groups route different data
               "grouped_experts": _grouped_experts_case(ep4),
-              "uneven_experts": _error(lambda: expert_parallel_moe(
+              "uneven_experts": error_message(lambda: expert_parallel_moe(
                   nn.Identity(), torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.rand(2, 1),
                   num_experts=6, group=ep4)),
-              "bad_expert_id": _error(lambda: expert_parallel_moe(
+              "bad_expert_id": error_message(lambda: expert_parallel_moe(
                   nn.Identity(), torch.randn(2, 4), torch.full((2, 1), 8), torch.rand(2, 1), num_experts=8,
                   group=ep4)),
-              "bad_splits": _error(lambda: all_to_all_tokens(torch.randn(3, 2), [1, 2], [3, 0], group=ep4)),
-              "bad_mesh_ep": _error(lambda: expert_parallel_group(mesh, 3))}
+              "bad_splits": error_message(lambda: all_to_all_tokens(torch.randn(3, 2), [1, 2], [3, 0], group=ep4)),
+              "bad_mesh_ep": error_message(lambda: expert_parallel_group(mesh, 3))}
     return result
 
 

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from conftest import rel_err
-from gloo_ranks import run_on_gloo_ranks
+from gloo_ranks import error_message, run_on_gloo_ranks
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
 from mgpt_train.model.moe import SparseMoeBlock
 from mgpt_train.parallel import assign_images
@@ -300,14 +300,6 @@ def compare(steps, ref_steps, ref_shapes) -> dict:
             "losses": [s[0] for s in steps], "ref_losses": [s[0] for s in ref_steps]}
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
-
-
 def bad_configs(world: int) -> dict[str, str]:
     """Each error is raised on every rank before any rank diverges, so the job continues afterwards."""
     dense, moe = dense_config(), moe_config()
@@ -322,13 +314,13 @@ def bad_configs(world: int) -> dict[str, str]:
         model(unpadded_batch(dense, seed=1))  # 43 tokens
 
     return {
-        "heads": _error(lambda: parallelize_qwen3_vl(Qwen3VLModel(three_heads), tp_dims, tp_dims.build_mesh("cpu"))),
-        "experts": _error(lambda: parallelize_qwen3_vl(Qwen3VLModel(five_experts), ep_dims, ep_dims.build_mesh("cpu"))),
-        "precision": _error(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), tp_dims, tp_dims.build_mesh("cpu"),
+        "heads": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(three_heads), tp_dims, tp_dims.build_mesh("cpu"))),
+        "experts": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(five_experts), ep_dims, ep_dims.build_mesh("cpu"))),
+        "precision": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), tp_dims, tp_dims.build_mesh("cpu"),
                                                          mixed_precision="fp16")),
-        "odd_length": _error(odd_length),
-        "mesh": _error(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), ep_dims, tp_dims.build_mesh("cpu"))),
-        "pp": _error(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), pp_dims, pp_dims.build_mesh("cpu"))),
+        "odd_length": error_message(odd_length),
+        "mesh": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), ep_dims, tp_dims.build_mesh("cpu"))),
+        "pp": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), pp_dims, pp_dims.build_mesh("cpu"))),
     }
 
 
@@ -342,9 +334,9 @@ def pipeline_bad_configs(world: int) -> dict[str, str]:
         pipe = build_pipeline(dense, mesh["pp"], n_microbatches=2, seq_len=seq_len, device="cpu", materialize=False)
         return lambda: parallelize_pipeline(pipe, dims, mesh, mixed_precision=mixed_precision)
 
-    return {"seq_len_tp": _error(attempt(seq_len=47, dp_shard=1, tp=2)),
-            "seq_len_cp": _error(attempt(seq_len=46, dp_shard=1, cp=2)),
-            "bf16": _error(attempt(dp_shard=1, cp=2, mixed_precision="bf16"))}
+    return {"seq_len_tp": error_message(attempt(seq_len=47, dp_shard=1, tp=2)),
+            "seq_len_cp": error_message(attempt(seq_len=46, dp_shard=1, cp=2)),
+            "bf16": error_message(attempt(dp_shard=1, cp=2, mixed_precision="bf16"))}
 
 
 def meta_device_step(world: int) -> dict:

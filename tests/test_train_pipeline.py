@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gloo_ranks import run_on_gloo_ranks
+from gloo_ranks import error_message, run_on_gloo_ranks
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, mrope_position_ids
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.pipeline import build_pipeline, check_schedule, pad_microbatch, plan_stages, split_layers
@@ -259,22 +259,15 @@ def _rank_body(rank: int) -> dict:
     result["cases"]["moe/Interleaved1F1B/v2"] = _run_case(moe, moe_full, moe_reference, moe_steps, pp_mesh,
                                                           "Interleaved1F1B", 2)
 
-    def error_of(make) -> str:
-        try:
-            make()
-        except ValueError as exc:
-            return str(exc)
-        return "no error"
-
-    result["errors"]["layers"] = error_of(lambda: build_pipeline(
+    result["errors"]["layers"] = error_message(lambda: build_pipeline(
         config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=4, seq_len=SEQ_LEN, device="cpu",
         virtual_stages=4))
-    result["errors"]["microbatches"] = error_of(lambda: build_pipeline(
+    result["errors"]["microbatches"] = error_message(lambda: build_pipeline(
         config, pp_mesh, schedule="Interleaved1F1B", n_microbatches=3, seq_len=SEQ_LEN, device="cpu",
         virtual_stages=2))
     short = build_pipeline(config, pp_mesh, schedule="GPipe", n_microbatches=N_MICROBATCHES, seq_len=20,
                            device="cpu")
-    result["errors"]["seq_len"] = error_of(lambda: short.step(steps[0]))
+    result["errors"]["seq_len"] = error_message(lambda: short.step(steps[0]))
     # materialize=True: the model's initialisation on each stage, the tied head copied from stage 0.
     tied = (short.stage_modules[0].language_model.embed_tokens.weight if rank == 0
             else short.stage_modules[0].lm_head.weight)
@@ -282,11 +275,11 @@ def _rank_body(rank: int) -> dict:
     norm = short.stage_modules[0].language_model.layers[str(short.plans[0].layers[-1])].input_layernorm.weight
     result["init"] = {"tied": tied.detach().double().pow(2).sum().item(), "std": linear.std().item(),
                       "norm_ones": bool(norm.eq(1).all()), "meta": any(p.is_meta for p in short.parameters())}
-    result["errors"]["count"] = error_of(lambda: short.step(steps[0][:3]))
-    result["errors"]["type"] = error_of(lambda: short.step(steps[0][0]))
-    result["errors"]["pad"] = error_of(lambda: build_pipeline(
+    result["errors"]["count"] = error_message(lambda: short.step(steps[0][:3]))
+    result["errors"]["type"] = error_message(lambda: short.step(steps[0][0]))
+    result["errors"]["pad"] = error_message(lambda: build_pipeline(
         config, pp_mesh, n_microbatches=4, seq_len=SEQ_LEN, device="cpu", pad_token_id=config.image_token_id))
-    result["errors"]["seq_len_arg"] = error_of(lambda: build_pipeline(
+    result["errors"]["seq_len_arg"] = error_message(lambda: build_pipeline(
         config, pp_mesh, n_microbatches=4, seq_len=0, device="cpu"))
     return result
 
