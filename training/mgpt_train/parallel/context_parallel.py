@@ -209,15 +209,23 @@ def segmented_attention(q: torch.Tensor, k_global: torch.Tensor, v_global: torch
     bottom-right causal alignment (``chunk_segments``)."""
     outs, row = [], 0
     for start, end in chunks:
-        cu_q, cu_k, key_start = chunk_segments(boundaries, start, end)
+        cu_q, cu_k, key_start, max_q, max_k = _chunk_layout(tuple(boundaries), start, end, q.device)
         rows = end - start
-        max_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
-        max_k = max(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
-        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=q.device)
-        outs.append(varlen(q[row:row + rows], k_global[key_start:end], v_global[key_start:end], as_tensor(cu_q),
-                           as_tensor(cu_k), max_q, max_k, scale))
+        outs.append(varlen(q[row:row + rows], k_global[key_start:end], v_global[key_start:end], cu_q, cu_k, max_q,
+                           max_k, scale))
         row += rows
     return torch.cat(outs)
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_layout(boundaries: tuple[int, ...], start: int, end: int, device: torch.device):
+    """``chunk_segments`` with its offsets as int32 tensors on ``device`` and the longest segments: the same for
+    every decoder layer of a forward (and its backward), so it is built, and copied to the device, once."""
+    cu_q, cu_k, key_start = chunk_segments(boundaries, start, end)
+    max_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+    max_k = max(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return as_tensor(cu_q), as_tensor(cu_k), key_start, max_q, max_k
 
 
 def _cuda_varlen():
