@@ -17,18 +17,12 @@
 #endif
 
 #include "cpu_simd.h"
+#include "cpu_bits.h"
 
 namespace mgpt::quant::cpu {
 namespace {
 
-// memcpy, not std::bit_cast: GCC does not inline across the differing optimisation settings of the pragma.
-template <typename To, typename From>
-[[gnu::always_inline]] inline To bits_as(From value) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &value, sizeof(To));
-  return out;
-}
+using mgpt::cpu::bits_as;
 
 // e4m3fn: sign bit, 4 exponent bits e (bias 7), 3 mantissa bits m; no infinities, 0x7F / 0xFF are NaN.
 //   e >= 1: 2^(e - 7) (1 + m / 8)  = the fp32 whose exponent field is e + 120 and whose top mantissa bits are m

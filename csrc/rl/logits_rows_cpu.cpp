@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "rl/logits_rows.h"
+#include "cpu_bits.h"
 
 // GCC refuses to if-convert the selects in exp_f32 under the default -ftrapping-math (it treats a
 // speculated compare as a possible FP trap), which leaves every loop below scalar. We never inspect FP
@@ -52,15 +53,7 @@ constexpr int64_t kBlock = 2048;            // floats per online-max step (8 KiB
 constexpr int64_t kMinPiece = 16384;        // smallest piece of a row worth its own task
 constexpr int64_t kParallelGrain = 32768;   // elements per parallel task in the gradient
 
-// std::bit_cast is not inlined into functions compiled under the pragma above (GCC will not inline across
-// differing optimisation attributes), which would put a call in every hot loop; memcpy is a builtin.
-template <typename To, typename From>
-[[gnu::always_inline]] inline To bits_as(From value) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &value, sizeof(To));
-  return out;
-}
+using mgpt::cpu::bits_as;
 
 // exp(x) for fp32, ~2 ulp on [-87, 88] (Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the
 // Cephes degree-7 polynomial for e^r, times 2^n built in the exponent bits). Below -87 it returns 0 (the

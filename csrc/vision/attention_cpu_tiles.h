@@ -10,6 +10,8 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_bits.h"
+
 // GCC will not if-convert the selects in exp2_fast under the default -ftrapping-math (a speculated compare
 // counts as a possible FP trap), leaving the softmax loops of the AVX2 and baseline clones scalar; we never
 // read FP exception flags. GCC inlines only across equal optimisation settings, so attention_cpu.cpp uses the
@@ -30,15 +32,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.69314718055994531f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// std::bit_cast is not inlined into functions compiled under the pragma above (GCC does not inline across
-// differing optimisation settings); memcpy is a builtin.
-template <typename To, typename From>
-MGPT_ALWAYS_INLINE To bits_as(From value) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &value, sizeof(To));
-  return out;
-}
+using mgpt::cpu::bits_as;
 
 // 2^x in fp32, branch-free so loops calling it vectorise. x = n + f with n = round(x), |f| <= 1/2;
 // 2^f = e^(f ln 2) by its Taylor series to degree 7 (truncation < 6e-9 relative), 2^n put in the exponent
