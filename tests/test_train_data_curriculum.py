@@ -98,6 +98,50 @@ def test_stage_switching_epochs_and_positions():
         next(curriculum)
 
 
+def test_micro_batches_share_their_step_lr_and_position_and_resume_mid_step():
+    """micro_batches=3 (gradient accumulation): three yields per optimizer step, with that step's learning rate
+    and position (micro_batch 0, 1, 2); an epochs stage counts steps of three micro-batches; a state taken in the
+    middle of a step resumes the same stream; every micro-batch is a full packed batch."""
+    stages = [
+        CurriculumStage("one", {"vertical": 1.0}, steps=3, max_tokens=200, peak_lr=1.0, min_lr=0.5, warmup_ratio=0),
+        CurriculumStage("two", {"general": 1.0}, epochs=1.5, max_tokens=200, peak_lr=0.1, min_lr=0.1),
+    ]
+
+    def build(micro_batches=3):
+        return Curriculum(stages, DATA, ENCODER, seed=2, dp_rank=0, dp_size=2, micro_batches=micro_batches)
+
+    curriculum = build()
+    general_tokens = sum(ENCODER.num_tokens(s) for s in DATA if s.tag.startswith("general"))
+    assert curriculum.stage_steps == [3, math.ceil(1.5 * general_tokens / (200 * 2 * 3))]
+    items, seen = [], []
+    for item in curriculum:
+        items.append(item)
+        seen.append((curriculum.position["global_step"], curriculum.position["micro_batch"], curriculum.lr))
+        assert 0 < item[1]["input_ids"].numel() <= 200
+    assert [(step, micro) for step, micro, _ in seen] == [(k, m) for k in range(curriculum.total_steps)
+                                                           for m in range(3)]
+    assert [lr for _, _, lr in seen[:9]] == pytest.approx([1.0] * 3 + [0.75] * 3 + [0.5] * 3)
+    ids = [n for stage, batch in items if stage.name == "one" for n in ids_in(batch)]
+    assert len(ids) > 50 and len(set(ids[:50])) == 50  # one pass over this rank's 50 vertical samples first
+
+    first = build()
+    head = [next(first) for _ in range(4)]  # step 1, micro-batch 1 next
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["micro_batch"] == 1
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert_same_batches(head + list(resumed), items)
+    with pytest.raises(ValueError, match="micro-batch 1 of its step, but this curriculum has micro_batches=1"):
+        build(micro_batches=1).load_state_dict(state)
+    boundary = build()
+    [next(boundary) for _ in range(3)]
+    other = build(micro_batches=1)
+    other.load_state_dict(boundary.state_dict())  # at a step boundary: continues with one micro-batch per step
+    assert other.position is None and next(other)[0].name == "one" and other.position["global_step"] == 1
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1, got 0"):
+        build(micro_batches=0)
+
+
 def assert_same_batches(left, right):
     assert len(left) == len(right)
     for (stage_a, a), (stage_b, b) in zip(left, right, strict=True):

@@ -6,14 +6,17 @@
   boundary (per-step losses, evaluations and final weights identical);
 - freezing: parameters of a frozen part do not change during its stage and do change when it trains again; the
   learning rate follows each stage's warm-up + cosine schedule (recomputed here from the formula);
-- the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2 -- and
-  with 4 -- pp=2 x dp_shard=2 (pipeline stages sharded by FSDP2), pp=2 x cp=2, the MoE preset on
-  dp_shard=2 x tp=2 x ep=2 -- exits 0 and its losses and gradient norms
-  equal an unparallelized single-process reference trained on the same step data (for dp: the union of the data
-  ranks' micro-batches, token-weighted mean loss);
+- gradient accumulation (data.grad_accum) in one process, dense and MoE, equals the reference's step over the
+  same micro-batches;
+- the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2, and
+  with grad_accum=2 the MoE preset on dp_shard=2 x ep=2 and pp=2 -- and with 4 -- pp=2 x dp_shard=2 (pipeline
+  stages sharded by FSDP2), pp=2 x cp=2, the MoE preset on dp_shard=2 x tp=2 x ep=2 -- exits 0 and its losses and
+  gradient norms equal an unparallelized single-process reference trained on the same step data (for dp: the
+  union of the data ranks' micro-batches, token-weighted mean loss);
 - bad command lines fail with one clear error line and exit status 2.
 """
 
+import itertools
 import json
 import math
 import os
@@ -55,7 +58,7 @@ def test_fixed_batch_loss_decreases(tmp_path):
     trainer = Trainer(config(tmp_path, *stages_override((1, {}))))
     stage, batch = next(trainer.curriculum)
     batch = trainer.prepare(batch)
-    results = [trainer.train_step(stage, batch, lr=2e-3) for _ in range(6)]
+    results = [trainer.train_step(stage, [batch], lr=2e-3) for _ in range(6)]
     losses = [r["loss"] for r in results]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in results)
     assert results[0]["label_tokens"] == int((batch["labels"] != -100).sum())
@@ -159,17 +162,21 @@ def test_frozen_parts_do_not_change_and_lr_follows_the_stages(tmp_path):
 
 def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[str, float]]:
     """(loss, gradient norm) per step of a single process without parallelism, each step on the union of every
-    data-parallel rank's micro-batch (curricula built for dp ranks 0..world-1), with the token-weighted mean loss
-    and torch's own gradient clipping; and the held-out accuracy per tag of the final weights."""
+    data-parallel rank's ``data.grad_accum`` micro-batches (curricula built for dp ranks 0..world-1), one forward
+    per micro-batch, with the token-weighted mean loss and torch's own gradient clipping; and the held-out accuracy
+    per tag of the final weights."""
     tokenizer = ByteTokenizer()
     model = build_model(cfg, tokenizer, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     encoder = make_encoder(cfg, model.config, tokenizer)
     train, heldout = load_data(cfg)
-    curricula = [Curriculum(cfg.curriculum_stages(), train, encoder, seed=cfg.data.seed, dp_rank=r, dp_size=world)
-                 for r in range(world)]
+    accum = cfg.data.grad_accum
+    curricula = [Curriculum(cfg.curriculum_stages(), train, encoder, seed=cfg.data.seed, dp_rank=r, dp_size=world,
+                            micro_batches=accum) for r in range(world)]
     steps, stage_name = [], None
-    for draws in zip(*curricula):
+    micro = zip(*curricula)  # per micro-batch: every rank's (stage, batch)
+    while step_draws := list(itertools.islice(micro, accum)):
+        draws = [draw for group in step_draws for draw in group]
         stage = draws[0][0]
         if stage.name != stage_name:
             apply_trainable(model, stage)
@@ -198,7 +205,9 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
 # (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
 # pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
 # pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks;
-# MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards
+# MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards;
+# grad_accum: two forward / backward passes per step (FSDP + EP: the aux loss's mean over ranks and micro-batches;
+# pp: 2 x 2 pipeline micro-batches in one schedule step, the tied head's gradients exchanged once)
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, layout, data_ranks", [
     (2, ["--parallel.dp_shard=2"], 2),
@@ -207,8 +216,10 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
     (4, ["--parallel.dp_shard=2", "--parallel.pp=2", "--parallel.pp_microbatches=2"], 2),
     (4, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.cp=2", "--parallel.pp_microbatches=2"], 1),
     (4, ["--model.preset=tiny_moe", "--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2"], 2),
+    (2, ["--model.preset=tiny_moe", "--parallel.dp_shard=2", "--parallel.ep=2", "--data.grad_accum=2"], 2),
+    (2, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=2", "--data.grad_accum=2"], 1),
 ], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2", "pipeline_pp2_context_cp2",
-        "moe_dp_shard2_tp2_ep2"])
+        "moe_dp_shard2_tp2_ep2", "moe_dp_shard2_ep2_grad_accum2", "pipeline_pp2_grad_accum2"])
 def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), *layout, "--optimizer.grad_clip=0.5",
                  f"--output_dir={tmp_path}"]
@@ -233,6 +244,32 @@ def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     assert evaluated == ["initial", "stage0", "stage1"]  # every layout evaluates (tp / cp / pp: unsharded copy)
     assert saved["evals"][-1]["accuracy"] == final_accuracy  # of the same weights as one process's
     assert "Slicing a flattened dim" not in run.stderr
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_moe"])
+def test_gradient_accumulation_steps_once_per_group_of_micro_batches(tmp_path, preset):
+    """data.grad_accum=3 in one process: every optimizer step takes the next 3 micro-batches of the curriculum,
+    one forward and backward each, and equals the reference's step on them (token mean over the three, MoE aux
+    loss averaged over them); tokens and label tokens of a step are the three micro-batches'."""
+    overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), f"--model.preset={preset}",
+                 "--data.grad_accum=3", "--optimizer.grad_clip=0.5", f"--output_dir={tmp_path}"]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg)
+    results = trainer.fit()
+    steps = [(s["loss"], s["grad_norm"]) for s in results["steps"]]
+    reference, final_accuracy = reference_steps(cfg, world=1)
+    assert len(steps) == len(reference) == 4
+    for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5), (steps,
+                                                                                                       reference)
+    assert results["evals"][-1]["accuracy"] == final_accuracy
+    draws = list(Curriculum(cfg.curriculum_stages(), load_data(cfg)[0], trainer.encoder, seed=cfg.data.seed,
+                            micro_batches=3))
+    assert len(draws) == 3 * 4
+    tokens = [sum(batch["input_ids"].numel() for _, batch in draws[3 * k:3 * k + 3]) for k in range(4)]
+    labels = [sum(int((batch["labels"] != -100).sum()) for _, batch in draws[3 * k:3 * k + 3]) for k in range(4)]
+    assert [s["tokens"] for s in results["steps"]] == tokens
+    assert [s["label_tokens"] for s in results["steps"]] == labels
 
 
 # ----------------------------------------------------------------------------------- (e) bad command lines
@@ -277,7 +314,7 @@ def test_compiled_decoder_layers_train_like_eager(tmp_path):
     for compiled in ("false", "true"):
         trainer = Trainer(config(tmp_path / compiled, *stages_override((1, {})), f"--model.compile={compiled}"))
         stage, batch = next(trainer.curriculum)
-        losses[compiled] = [trainer.train_step(stage, trainer.prepare(batch), lr=2e-3)["loss"] for _ in range(3)]
+        losses[compiled] = [trainer.train_step(stage, [trainer.prepare(batch)], lr=2e-3)["loss"] for _ in range(3)]
     layer = trainer.model.language_model.layers[0]
     assert layer._compiled_call_impl is not None  # nn.Module.compile() wraps the layer's call
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5), losses
@@ -290,7 +327,7 @@ def test_single_process_bf16_is_autocast_with_fp32_weights(tmp_path):
     for dtype in ("float32", "bfloat16"):
         trainer = Trainer(config(tmp_path / dtype, *stages_override((1, {})), f"--model.dtype={dtype}"))
         stage, batch = next(trainer.curriculum)
-        losses[dtype] = [trainer.train_step(stage, trainer.prepare(batch), lr=2e-3)["loss"] for _ in range(3)]
+        losses[dtype] = [trainer.train_step(stage, [trainer.prepare(batch)], lr=2e-3)["loss"] for _ in range(3)]
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert trainer.autocast and all(math.isfinite(v) for v in losses["bfloat16"])
     assert abs(losses["bfloat16"][0] - losses["float32"][0]) < 2e-2 * losses["float32"][0]

@@ -214,7 +214,54 @@ def test_aux_loss_of_a_uniform_router_is_top_k():
     with torch.no_grad():
         router.weight.zero_()
     stats = [router(torch.randn(n, config.hidden_size))[2] for n in (5, 11)]
-    assert torch.allclose(load_balancing_loss(stats, 6), torch.tensor(3.0))
+    assert torch.allclose(load_balancing_loss(stats, 6, 3), torch.tensor(3.0))
+
+
+def test_masked_router_statistics_are_those_of_the_kept_rows():
+    """row_mask leaves rows out of the statistics (counts and probability sums, their gradient too), not out of
+    the routing: the top-k choice of every row is unchanged."""
+    config = dataclasses.replace(Qwen3VLConfig.tiny_moe().text, num_experts=6, top_k=2)
+    router = TopKRouter(config)
+    x = torch.randn(13, config.hidden_size)
+    mask = torch.rand(13) < 0.6
+    idx, weight, masked = router(x, mask)
+    sub_idx, sub_weight, kept = router(x[mask])
+    assert torch.equal(idx[mask], sub_idx) and torch.equal(weight[mask], sub_weight)
+    assert torch.equal(masked.counts, kept.counts) and masked.counts.sum() == 2 * int(mask.sum())
+    assert torch.allclose(masked.prob_sum, kept.prob_sum, atol=1e-6)
+    assert load_balancing_loss([masked], 6, 2).item() == pytest.approx(load_balancing_loss([kept], 6, 2).item(),
+                                                                       rel=1e-6)
+    grad_masked, = torch.autograd.grad(load_balancing_loss([masked], 6, 2), router.weight)
+    grad_kept, = torch.autograd.grad(load_balancing_loss([router(x[mask])[2]], 6, 2), router.weight)
+    assert rel_err(grad_masked, grad_kept) < 1e-5
+
+
+def test_padding_tokens_leave_the_moe_loss_and_gradients_unchanged():
+    """A batch padded with a label-free sample and ``pad_tokens`` gives the unpadded batch's loss, aux loss and
+    gradients (MoE: the pad rows are out of the router statistics); without ``pad_tokens`` the aux loss differs."""
+    from mgpt_train.parallelize import pad_packed_batch
+
+    config = Qwen3VLConfig.tiny_moe()
+    torch.manual_seed(0)
+    model = Qwen3VLModel(config)
+    batch = tiny_batch(config)
+    padded = pad_packed_batch(batch, 16, pad_id=3)
+    assert padded["pad_tokens"] == 16 - batch["input_ids"].shape[0] % 16 > 0
+    outs, grads = [], []
+    for b in (batch, padded):
+        model.zero_grad()
+        outs.append(model(b))
+        outs[-1]["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for key in ("loss", "aux_loss", "loss_sum", "n_tokens"):
+        assert outs[1][key].item() == pytest.approx(outs[0][key].item(), rel=1e-6), key
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert rel_err(grads[1][name], grad) < 1e-5, name
+    unmarked = {k: v for k, v in padded.items() if k != "pad_tokens"}
+    assert abs(model(unmarked)["aux_loss"].item() - outs[0]["aux_loss"].item()) > 1e-4
+    with pytest.raises(ValueError, match=r"batch\['pad_tokens'\] \(trailing padding tokens\) must be an int in"):
+        model({**batch, "pad_tokens": batch["input_ids"].shape[0] + 1})
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 For every layout, each rank builds the same tiny model (unit-scale random weights: the 0.02 init makes every
 softmax flat and hides errors), parallelizes it and trains 3 SGD (momentum) steps on its data-parallel
 micro-batch (packed samples with images, DeepStack on, padded with ``pad_packed_batch``) with
-``global_token_mean_loss``. The reference is the UNPARALLELIZED model in one process on all micro-batches of the
-step: loss = sum(-log p) / all label tokens + coef * mean aux, from the plain ``model(batch)`` outputs (mean loss,
+``mgpt_train.objective.StepLoss``. The reference is the UNPARALLELIZED model in one process on all micro-batches of
+the step, unpadded (the MoE router statistics leave pad rows out, so padding changes nothing): loss = sum(-log p) / all label tokens + coef * mean aux, from the plain ``model(batch)`` outputs (mean loss,
 n_tokens, aux_loss). Compared every step: the logged loss and every parameter's gradient (DTensor.full_tensor()),
 relative L2 error < 1e-5 for losses and first-step gradients, < 2e-5 for later gradients (fp32; the two sides
 differ only in summation order and in where the collectives sum, and later steps start from parameters that
@@ -49,7 +49,8 @@ from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
 from mgpt_train.model.moe import SparseMoeBlock
 from mgpt_train.parallel import assign_images
 from mgpt_train.parallel_dims import ParallelDims
-from mgpt_train.parallelize import global_token_mean_loss, pad_packed_batch, parallelize_pipeline, parallelize_qwen3_vl
+from mgpt_train.objective import StepLoss
+from mgpt_train.parallelize import pad_packed_batch, parallelize_pipeline, parallelize_qwen3_vl
 from mgpt_train.pipeline import build_pipeline
 
 TOL = 1e-5  # losses, and the first step's gradients (~2e-6 achieved)
@@ -241,9 +242,9 @@ def parallel_run(config: Qwen3VLConfig, dims: ParallelDims, batches: list[dict],
     steps = [state_dict_shapes(model)]
     for _ in range(STEPS):
         opt.zero_grad()
-        loss, logged = global_token_mean_loss(model(batch), mesh["dp_cp"].get_group())
-        loss.backward()
-        steps.append((logged.item(), full_gradients(model)))
+        objective = StepLoss([batch], mesh["dp_cp"].get_group(), dims.cp)
+        objective.backward(model(batch))
+        steps.append((objective.value().item(), full_gradients(model)))
         opt.step()
     if config.is_moe:
         assert moe_rows == {batch["input_ids"].shape[0] // (dims.cp * dims.tp)}, moe_rows
@@ -349,11 +350,11 @@ def meta_device_step(world: int) -> dict:
     parallelize_qwen3_vl(model, dims, mesh, mixed_precision="fp32", activation_checkpointing=True)
     model.to_empty(device="cpu")
     model.init_weights()
-    loss, logged = global_token_mean_loss(model(make_batch(config, seed=mesh["dp"].get_local_rank())),
-                                          mesh["dp_cp"].get_group())
-    loss.backward()
+    batch = make_batch(config, seed=mesh["dp"].get_local_rank())
+    objective = StepLoss([batch], mesh["dp_cp"].get_group(), dims.cp)
+    objective.backward(model(batch))
     grads = full_gradients(model)
-    return {"loss": logged.item(), "grads_finite": all(bool(g.isfinite().all()) for g in grads.values()),
+    return {"loss": objective.value().item(), "grads_finite": all(bool(g.isfinite().all()) for g in grads.values()),
             "expert_grad_norm": grads["language_model.layers.0.mlp.experts.gate_up_proj"].norm().item()}
 
 
@@ -366,19 +367,22 @@ def _rank_body(rank: int) -> dict:
         config = make_config()
         dims = ParallelDims(world_size=world, **dims_kwargs)
         data_ranks = dims.dp_replicate * dims.dp_shard
-        if dims.pp > 1:  # micro-batch 1 (data rank 0) is text only: the other data rank's has images. All are
-            # padded to 48 tokens, so the pipeline adds no padding of its own (that would change the MoE aux loss).
-            batches = [make_batch(config, seed=10 + i, images=i != 1)
-                       for i in range(data_ranks * PIPELINE_MICROBATCHES)]
+        # The reference trains on the unpadded batches: padding (pad_packed_batch's, then the pipeline's up to the
+        # longest padded batch) must change nothing, the MoE aux loss included.
+        if dims.pp > 1:  # micro-batch 1 (data rank 0) is text only: the other data rank's has images
+            unpadded = [unpadded_batch(config, seed=10 + i, images=i != 1)
+                        for i in range(data_ranks * PIPELINE_MICROBATCHES)]
+            batches = [pad_packed_batch(batch, PAD_MULTIPLE) for batch in unpadded]
             steps = pipeline_run(config, dims, batches, options)
         else:  # with 2 data ranks, rank 1's batch is text only (FSDP runs the vision tower idle there)
-            batches = [make_batch(config, seed=10 + i, images=i != 1 or data_ranks != 2)
-                       for i in range(data_ranks)]
+            unpadded = [unpadded_batch(config, seed=10 + i, images=i != 1 or data_ranks != 2)
+                        for i in range(data_ranks)]
+            batches = [pad_packed_batch(batch, PAD_MULTIPLE) for batch in unpadded]
             steps = parallel_run(config, dims, batches, options)
         if rank == 0:
             key = (make_config.__name__, len(batches), len(steps) - 1, dims.pp)
             if key not in references:
-                references[key] = reference_run(config, batches, len(steps) - 1, log_aux=dims.pp == 1)
+                references[key] = reference_run(config, unpadded, len(steps) - 1, log_aux=dims.pp == 1)
             ref_steps = references[key]
             if dims.pp > 1 and config.tie_word_embeddings:  # the last stage's copy: the embedding's gradient
                 ref_steps = [(loss, {**grads, "lm_head.weight": grads["language_model.embed_tokens.weight"]})

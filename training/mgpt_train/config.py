@@ -153,7 +153,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    max_tokens: int = 1024  # packed tokens per micro-batch (= optimizer step) on one data-parallel rank
+    max_tokens: int = 1024  # packed tokens per micro-batch on one data-parallel rank
+    # micro-batches per data-parallel rank and optimizer step (gradient accumulation): a step learns from
+    # max_tokens x grad_accum x data-parallel ranks tokens at most
+    grad_accum: int = 1
     seed: int = 0
     jsonl: str | None = None  # a JSONL dataset; None = the synthetic data
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -161,7 +164,7 @@ class DataConfig:
     max_pixels: int = 128 * 128
 
     def __post_init__(self):
-        for name in ("max_tokens", "min_pixels", "max_pixels"):
+        for name in ("max_tokens", "grad_accum", "min_pixels", "max_pixels"):
             _check(getattr(self, name) >= 1, f"data.{name}", "an int >= 1", getattr(self, name))
         _check(self.min_pixels <= self.max_pixels, "data.min_pixels", f"<= data.max_pixels ({self.max_pixels})",
                self.min_pixels)

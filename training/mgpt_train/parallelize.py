@@ -26,12 +26,10 @@ Where the tokens live (T = packed tokens of one micro-batch, the batch layout of
 Packed lengths must be divisible by 2*cp and T/cp by tp: pad with ``pad_packed_batch`` (a separate sample of
 label -100 tokens) or get a ValueError naming the sizes.
 
-Loss normalisation (``global_token_mean_loss``): the single-process objective of the dp x cp micro-batches of a
-step is  sum(-log p over ALL label tokens) / (ALL label tokens)  + coef * mean over micro-batches of aux_loss.
-FSDP2 AVERAGES gradients over the dp_replicate x dp_shard x cp ranks (N of them), so each rank backpropagates
-    loss_sum_local * N / global_tokens  + coef * aux_loss
-and the average of the N gradients is the gradient of that objective (tp ranks hold identical losses and are not
-averaged). Expert parameters under EP receive the sum over their ep group's tokens already (the all-to-all
+Loss normalisation (``mgpt_train.objective.StepLoss``): FSDP2 AVERAGES gradients over the dp_replicate x
+dp_shard x cp ranks (N of them), so each rank backpropagates  loss_sum_local * N / global_tokens + aux_term  (per
+micro-batch, aux_term divided by the micro-batches of the step) and the average of the N gradients is the
+gradient of the single-process objective (tp ranks hold identical losses and are not averaged). Expert parameters under EP receive the sum over their ep group's tokens already (the all-to-all
 backward), so their FSDP reduction divides by N as well (not by its own N/ep ranks). Under tp, the MoE
 parameters and the vision tower get from each tp rank the gradient of its own tokens / images only: their FSDP
 reduction also SUMS over the tp ranks and still divides by N.
@@ -244,18 +242,27 @@ class DecoderTokenLayout:
         x = self.cp_shard(x, 0)
         return x if self.tp_mesh is None else sequence_piece(x, self.tp_mesh)
 
+    def row_mask_shard(self, row_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The padding row mask [T] -> this rank's rows of it (those of ``decoder_shard``; no autograd)."""
+        if row_mask is None:
+            return None
+        row_mask = self.cp_shard(row_mask, 0)
+        return row_mask if self.tp_mesh is None else row_mask.chunk(self.tp_size)[self.tp_mesh.get_local_rank()]
+
     def shard_decoder_inputs(self, _module, args):
         """Forward pre-hook of ``TextModel``: (embeds [T,H], position_ids [3,T], cu_seqlens, info, visual_rows,
-        deepstack) -> this rank's rows. ``cu_seqlens`` stays global (context-parallel attention reads it); the
-        MRoPE positions keep the whole cp shard (tp ranks rotate the all-gathered q/k). DeepStack features turn
-        into dense [T, H] additions sharded like the embeddings; the decoder then adds them at every local row."""
-        embeds, position_ids, cu_seqlens, info, visual_rows, deepstack = args
+        deepstack, row_mask) -> this rank's rows. ``cu_seqlens`` stays global (context-parallel attention reads
+        it); the MRoPE positions keep the whole cp shard (tp ranks rotate the all-gathered q/k). DeepStack features
+        turn into dense [T, H] additions sharded like the embeddings; the decoder then adds them at every local
+        row. The padding row mask follows the rows."""
+        embeds, position_ids, cu_seqlens, info, visual_rows, deepstack, row_mask = args
         self.check_length(embeds.shape[0])
         local_embeds = self.decoder_shard(embeds)
         local_deepstack = [self.decoder_shard(torch.zeros_like(embeds).index_add(0, visual_rows, f.to(embeds.dtype)))
                            for f in deepstack]
         local_rows = torch.arange(local_embeds.shape[0], device=embeds.device)
-        return local_embeds, self.cp_shard(position_ids, 1), cu_seqlens, info, local_rows, local_deepstack
+        return (local_embeds, self.cp_shard(position_ids, 1), cu_seqlens, info, local_rows, local_deepstack,
+                self.row_mask_shard(row_mask))
 
     def gather_decoder_outputs(self, _module, _args, output):
         """Forward hook of ``TextModel``: hidden states of the whole cp shard on every tp rank, router statistics
@@ -273,14 +280,14 @@ class DecoderTokenLayout:
         the ranks' gradients (FSDP then averages over the cp ranks, as over data ranks). Over tp the backward is
         the identity: each tp rank keeps d aux / d(its own probabilities), and the MoE FSDP step sums the tp
         ranks' parameter gradients, which also completes the cross-entropy part (each rank's tokens)."""
-        counts, prob_sum, rows = stats.counts, stats.prob_sum, stats.rows
+        counts, prob_sum = stats.counts, stats.prob_sum
         if self.tp_size > 1:
-            counts, prob_sum, rows = counts.clone(), _SumForward.apply(prob_sum, self.tp_group), rows * self.tp_size
+            counts, prob_sum = counts.clone(), _SumForward.apply(prob_sum, self.tp_group)
             dist.all_reduce(counts, group=self.tp_group)
         if self.cp_size > 1:
-            counts, prob_sum, rows = counts.clone(), _SumOverGroup.apply(prob_sum, self.cp_group), rows * self.cp_size
+            counts, prob_sum = counts.clone(), _SumOverGroup.apply(prob_sum, self.cp_group)
             dist.all_reduce(counts, group=self.cp_group)
-        return RouterStats(counts, prob_sum, rows)
+        return RouterStats(counts, prob_sum)
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -330,7 +337,7 @@ def idle_vision(model: Qwen3VLModel | PipelineStageModule) -> torch.Tensor:
 
 def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout, vision_every_batch: bool):
     """The replacement of ``model.forward``: the model's hidden states (sharded by the hooks), this rank's labels,
-    and the head's local vocabulary shard with the tp group. Returns sums for ``global_token_mean_loss``.
+    and the head's local vocabulary shard with the tp group. Returns sums for ``mgpt_train.objective.StepLoss``.
     ``vision_every_batch`` (FSDP): ``idle_vision`` for a batch without images."""
 
     def forward(batch: dict) -> dict[str, torch.Tensor]:
@@ -351,26 +358,10 @@ def _sharded_loss_forward(model: Qwen3VLModel, tokens: DecoderTokenLayout, visio
     return forward
 
 
-def global_token_mean_loss(out: dict[str, torch.Tensor], dp_cp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate on this rank, detached global loss for logging) from the parallel forward's output,
-    with ``dp_cp_group`` = ``mesh["dp_cp"].get_group()`` (the ranks FSDP averages over; see the module docstring).
-
-    backward loss = loss_sum * N / global label tokens + coef * aux_loss       (N = size of dp_cp_group)
-    logged loss   = global sum of -log p / global label tokens + coef * mean over the group of aux_loss
-    """
-    n_ranks = dist.get_world_size(dp_cp_group)
-    totals = torch.stack([out["n_tokens"].to(out["loss_sum"].dtype), out["loss_sum"].detach(),
-                          out["aux_term"].detach().to(out["loss_sum"].dtype)])
-    dist.all_reduce(totals, group=dp_cp_group)
-    global_tokens = totals[0].clamp_min(1)
-    backward_loss = out["loss_sum"] * (n_ranks / global_tokens) + out["aux_term"]
-    return backward_loss, totals[1] / global_tokens + totals[2] / n_ranks
-
-
 def pad_packed_batch(batch: dict, multiple: int, pad_id: int = 0) -> dict:
     """A copy of ``batch`` whose packed length is a multiple of ``multiple`` (2*cp*tp covers both rules): the
-    missing tokens form one extra sample of ``pad_id`` tokens with label -100 (no loss; the MoE router still sees
-    them). ``pad_id`` must not be the image token."""
+    missing tokens form one extra sample of ``pad_id`` tokens with label -100 (no loss), counted in
+    ``pad_tokens`` (left out of the MoE router statistics). ``pad_id`` must not be the image token."""
     length = batch["input_ids"].shape[0]
     missing = -length % multiple
     if not missing:
@@ -380,6 +371,7 @@ def pad_packed_batch(batch: dict, multiple: int, pad_id: int = 0) -> dict:
     padded["input_ids"] = torch.cat([ids, ids.new_full((missing,), pad_id)])
     padded["labels"] = torch.cat([labels, labels.new_full((missing,), IGNORE_INDEX)])
     padded["cu_seqlens"] = torch.cat([cu, cu.new_tensor([length + missing])])
+    padded["pad_tokens"] = int(batch.get("pad_tokens", 0)) + missing
     return padded
 
 
@@ -422,8 +414,8 @@ def apply_tensor_parallel(model: Qwen3VLModel | PipelineStageModule, tp_mesh: De
     # expert-parallel all-to-all see T / (cp tp) tokens, not the gathered cp shard, so no MoE work is repeated
     # over tp. Their parameters' gradients are then partial sums over the tp ranks' pieces, which the MoE FSDP
     # step (``apply_fsdp``) adds up; the router statistics are summed over tp for the aux loss.
-    moe_plan = {"mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
-                                          use_local_output=True)}
+    moe_plan = {"mlp": PrepareModuleInput(input_layouts=(Shard(0), None), desired_input_layouts=(Shard(0), None),
+                                          use_local_output=True)}  # (hidden, padding row mask: local already)
     for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, layer_plan | (moe_plan if isinstance(layer.mlp, SparseMoeBlock)
                                                          else dense_mlp_plan))

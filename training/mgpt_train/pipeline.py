@@ -34,9 +34,9 @@ summed loss and the gradients equal one forward of the full model over the same 
 mean). MoE: every stage adds its layers' router statistics to the running ones, so the last stage holds those
 of ALL MoE layers and adds ``router_aux_loss_coef * aux / n_microbatches`` with aux the model's load-balancing
 loss (one product of sums over all layers), through an identity op whose backward injects the aux gradient; it
-flows back through the statistics to every stage's routers. That is the model's objective exactly when the
-micro-batches need no pipeline padding (the routers see pad rows, as they do after ``pad_packed_batch``). The
-returned loss is the cross-entropy only.
+flows back through the statistics to every stage's routers. Pad rows (the pipeline's and a batch's own
+``pad_tokens``) are routed but left out of the statistics, so that is the model's objective on the unpadded
+micro-batches exactly. The returned loss is the cross-entropy only.
 
 Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps its own copy of the embedding as
 ``lm_head.weight``; ``init_weights`` copies stage 0's value to it and ``step`` sums the two gradients between
@@ -71,7 +71,8 @@ from mgpt_train.model.config import Qwen3VLConfig
 from mgpt_train.model.language import TextAttention, mrope_cos_sin
 from mgpt_train.model.moe import RouterStats, load_balancing_loss
 from mgpt_train.model.positions import mrope_position_ids
-from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights
+from mgpt_train.model.qwen3_vl import (IGNORE_INDEX, Qwen3VLModel, check_batch, init_module_weights,
+                                       padding_row_mask)
 from mgpt_train.parallel import make_cp_attention_fn
 from mgpt_train.parallelize import DecoderTokenLayout, idle_vision, sequence_piece, whole_sequence
 
@@ -175,6 +176,7 @@ class PaddedMicroBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor  # int64 [N, 3]
     tokens: int  # real (unpadded) tokens
+    row_mask: torch.Tensor | None  # bool [seq_len], False on padding (MoE router statistics); None: dense / no pad
 
 
 def pad_microbatch(batch: dict, config: Qwen3VLConfig, seq_len: int, device, pad_token_id: int = 0
@@ -188,6 +190,7 @@ def pad_microbatch(batch: dict, config: Qwen3VLConfig, seq_len: int, device, pad
         raise ValueError(f"pipeline: a micro-batch holds {tokens} tokens, more than seq_len={seq_len}; pack "
                          f"micro-batches to at most seq_len tokens")
     pad = seq_len - tokens
+    real = tokens - int(batch.get("pad_tokens", 0))  # a batch may arrive padded already (pad_packed_batch)
     input_ids = torch.cat([batch["input_ids"].cpu(), torch.full((pad,), pad_token_id, dtype=torch.int64)])
     labels = torch.cat([batch["labels"].cpu(), torch.full((pad,), IGNORE_INDEX, dtype=torch.int64)])
     cu_seqlens = batch["cu_seqlens"].cpu()
@@ -205,7 +208,8 @@ def pad_microbatch(batch: dict, config: Qwen3VLConfig, seq_len: int, device, pad
         position_ids=positions.to(device), info=AttentionInfo.from_cu_seqlens(cu_seqlens),
         label_rows=torch.nonzero(labels != IGNORE_INDEX).flatten().to(device),
         image_rows=torch.nonzero(input_ids == config.image_token_id).flatten().to(device),
-        pixel_values=pixels, image_grid_thw=grid, tokens=tokens)
+        pixel_values=pixels, image_grid_thw=grid, tokens=real,
+        row_mask=padding_row_mask({"input_ids": input_ids.to(device), "pad_tokens": seq_len - real}, config))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,8 +314,9 @@ class PipelineStageModule(nn.Module):
         # every row of the context shard (tp gathers q and k before rotating them)
         cos, sin = mrope_cos_sin(tokens.cp_shard(mb.position_ids, 1), self.config.text, hidden.dtype)
         hidden = self._piece(hidden)
+        row_mask = tokens.row_mask_shard(mb.row_mask)
         for index in plan.layers:
-            hidden, stats = self.language_model.layers[str(index)](hidden, cos, sin, mb.cu_seqlens, mb.info)
+            hidden, stats = self.language_model.layers[str(index)](hidden, cos, sin, mb.cu_seqlens, mb.info, row_mask)
             if stats is not None:
                 running = running + torch.stack([stats.counts, stats.prob_sum])
             if index < plan.deepstack_taps:
@@ -319,7 +324,7 @@ class PipelineStageModule(nn.Module):
                 hidden = hidden + self._piece(pending[index - plan.layers.start])  # from this stage's first layer
         if plan.is_last:
             if plan.moe and self.moe_layers:
-                hidden = _AttachAuxLoss.apply(hidden, self._aux_term(running, mb))
+                hidden = _AttachAuxLoss.apply(hidden, self._aux_term(running))
             return self._logprobs(self._whole(self.language_model.norm(hidden)), mb)
         outputs = [self._whole(hidden)]  # a tensor identical on the tp ranks crosses the stage boundary
         if plan.pending_out:
@@ -328,13 +333,12 @@ class PipelineStageModule(nn.Module):
             outputs.append(running)
         return tuple(_batched(x) for x in outputs) if len(outputs) > 1 else _batched(outputs[0])
 
-    def _aux_term(self, running: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
+    def _aux_term(self, running: torch.Tensor) -> torch.Tensor:
         """coef x the model's load-balancing loss of the micro-batch, from the router statistics of all MoE layers
-        (summed by the stages, then over the tp and cp ranks), divided by the micro-batch count (the step's mean).
-        The routers of a rank see its sequence piece: seq_len / (cp tp) rows per MoE layer."""
-        rows = mb.input_ids.shape[0] // (self.tokens.cp_size * self.tokens.tp_size) * self.moe_layers
-        totals = self.tokens.sum_router_stats(RouterStats(running[0].detach(), running[1], rows))
-        aux = load_balancing_loss([totals], self.config.text.num_experts)
+        (summed by the stages, then over the tp and cp ranks: each rank routes its sequence piece), divided by the
+        micro-batch count (the step's mean)."""
+        totals = self.tokens.sum_router_stats(RouterStats(running[0].detach(), running[1]))
+        aux = load_balancing_loss([totals], self.config.text.num_experts, self.config.text.top_k)
         return aux * (self.config.text.router_aux_loss_coef / len(self.microbatches))
 
     def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:

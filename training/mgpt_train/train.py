@@ -19,8 +19,10 @@ One run (every rank computes, rank 0 prints and writes the result files):
      filled as above, with a tied head drawing the embedding's numbers), so the step, its loss and the curriculum
      are those of one process (of the data-parallel ranks' micro-batches together).
   3. data: the synthetic train and held-out splits (or ``data.jsonl``, whose last ``data.synthetic.heldout_samples``
-     lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; one packed micro-batch per
-     data-parallel rank is one optimizer step.
+     lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; ``data.grad_accum`` packed
+     micro-batches per data-parallel rank are one optimizer step (gradient accumulation: a forward and backward
+     per micro-batch, FSDP reduce-scattering each one's gradients into the sharded sums; under pp they are
+     ``grad_accum x pp_microbatches`` pipeline micro-batches of one schedule step).
   4. AdamW, weight decay on matrices only (not on norms, biases). Its state is created for every parameter up
      front (zeros and step 0, exactly what AdamW creates lazily), so checkpoints always hold every parameter's
      state, even of parts frozen so far.
@@ -28,9 +30,10 @@ One run (every rank computes, rank 0 prints and writes the result files):
      parts. A frozen parameter gets no gradient (``zero_grad`` sets them to None), and AdamW skips parameters
      without a gradient: frozen parts are neither updated nor decayed and keep their moments for the stage that
      unfreezes them -- one optimizer (one per pipeline stage), one param-group layout for the whole run. The
-     learning rate of every group is the curriculum's for the step. Loss: with several ranks
-     ``global_token_mean_loss`` (sum of -log p over the label tokens of ALL data/context ranks divided by their
-     count: the single-process objective); gradient clipping by the global norm; NVTX ranges (data,
+     learning rate of every group is the curriculum's for the step. Loss (``mgpt_train.objective``): the sum of -log p
+     over the label tokens of ALL micro-batches of the step on ALL data/context ranks divided by their count,
+     plus coef x the mean MoE aux loss over those micro-batches -- the single-process objective of one forward
+     per micro-batch; gradient clipping by the global norm; NVTX ranges (data,
      vision_forward, language_forward, backward, optimizer) when ``profiling.nvtx``; ``StepMeter`` (tokens/s and
      MFU of this device, from ``profiling.qwen3_vl_flops`` with the stage's frozen parts, divided among the
      tp x cp x pp devices sharing a micro-batch; peak memory); a progress line on rank 0; an optional
@@ -62,11 +65,12 @@ import torch.distributed as dist
 
 from mgpt_train import checkpoint, profiling
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
-from mgpt_train.data import (IGNORE_INDEX, ByteTokenizer, Curriculum, Sample, SampleEncoder,
+from mgpt_train.data import (ByteTokenizer, Curriculum, Sample, SampleEncoder,
                              apply_trainable, evaluate_by_tag, load_jsonl, make_synthetic)
 from mgpt_train.export import export_checkpoint, run_image_config, run_model_config, run_tokenizer
 from mgpt_train.initialization import fill_sharded, init_mode, init_model
 from mgpt_train.model import Qwen3VLModel
+from mgpt_train.objective import StepLoss, global_label_tokens
 from mgpt_train.parallel_dims import ParallelDims
 from mgpt_train.profiling import (RANGE_BACKWARD, RANGE_DATA, RANGE_LANGUAGE, RANGE_OPTIMIZER, RANGE_STEP,
                                   RANGE_VISION, nvtx_range)
@@ -175,6 +179,7 @@ def build_pipelined(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.de
     sharded = init_mode(cfg, config, device) == "sharded"
     count, bf16 = cfg.parallel.pp_microbatches, cfg.model.dtype == "bfloat16"
     seq_len = max(s.max_tokens for s in cfg.curriculum_stages())
+    count *= cfg.data.grad_accum  # gradient accumulation = more pipeline micro-batches in one schedule step
     pipe = build_pipeline(config, mesh["pp"], schedule="1F1B" if count >= dims.pp else "GPipe",
                           n_microbatches=count, seq_len=seq_len + -seq_len % (2 * dims.cp * dims.tp),
                           device=device,
@@ -338,7 +343,7 @@ class Trainer:
         self.encoder = make_encoder(cfg, self.model_config, self.tokenizer)
         train, self.heldout = load_data(cfg)
         self.curriculum = Curriculum(cfg.curriculum_stages(), train, self.encoder, seed=cfg.data.seed,
-                                     dp_rank=dp_rank, dp_size=dp_size)
+                                     dp_rank=dp_rank, dp_size=dp_size, micro_batches=cfg.data.grad_accum)
         self.optimizers = [build_optimizer(part, cfg, self.device) for part in self.parts]
 
         profiling.enable_nvtx(cfg.profiling.nvtx)
@@ -383,37 +388,35 @@ class Trainer:
         frozen = [part for part, on in stage.trainable.items() if not on]
         self.log(f"stage {stage.name!r}: trainable elements {counts}, frozen parts {frozen or 'none'}")
 
-    def train_step(self, stage, batch: dict, lr: float) -> dict:
-        """One optimizer step on this rank's prepared micro-batch; the loss is the global token mean."""
+    def train_step(self, stage, batches: list[dict], lr: float) -> dict:
+        """One optimizer step on this rank's prepared micro-batches (``data.grad_accum`` of them): a forward and
+        a backward per micro-batch, gradients accumulating; the loss is the step's global token mean."""
         if stage.name != self.stage_name:
             self.enter_stage(stage)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         if self.pipeline is not None:
-            return self._pipeline_step(batch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(batch)
-        if self.loss_group is not None:
-            from mgpt_train.parallelize import global_token_mean_loss
+            tokens = global_label_tokens(batches, self.loss_group, self.dims.cp, self.device)
+            return self._pipeline_step(batches, int(tokens))
+        objective = StepLoss(batches, self.loss_group, self.dims.cp, self.device)
+        for batch in batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(batch)
+            with nvtx_range(RANGE_BACKWARD):
+                objective.backward(out)
+        return {"loss": objective.value().item(), "grad_norm": self._optimizer_step(),
+                "label_tokens": int(objective.label_tokens)}
 
-            loss, logged = global_token_mean_loss(out, self.loss_group)
-        else:
-            loss, logged = out["loss"], out["loss"].detach()
-        with nvtx_range(RANGE_BACKWARD):
-            loss.backward()
-        return {"loss": logged.item(), "grad_norm": self._optimizer_step(), "label_tokens": int(out["n_tokens"])}
-
-    def _pipeline_step(self, batch: dict) -> dict:
-        """The step's micro-batch split into the pipeline's micro-batches; forward and backward by the schedule.
-        The loss is the token mean over the micro-batches of all data-parallel ranks, as in one process: each
-        last stage returns its share (its context shard's -log p sum over the global label tokens), summed over
-        the data and context ranks, then sent from the last stage to every pp rank."""
-        pieces = split_packed(batch, self.pipeline.n_microbatches, self.tokenizer.vision_start_id)
-        label_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-        global_tokens = torch.tensor(label_tokens, dtype=torch.int64, device=self.device)
-        dist.all_reduce(global_tokens, group=self.loss_group)  # the cp ranks of a data rank share its batch
-        loss = self.pipeline.step(pieces, global_tokens=int(global_tokens) // self.dims.cp)
+    def _pipeline_step(self, batches: list[dict], label_tokens: int) -> dict:
+        """Each micro-batch split into ``pp_microbatches`` pieces, all of them the pipeline micro-batches of one
+        schedule step (forward and backward). The loss is the token mean over the micro-batches of all
+        data-parallel ranks, as in one process: each last stage returns its share (its context shard's -log p sum
+        over the global label tokens), summed over the data and context ranks, then sent from the last stage to
+        every pp rank."""
+        pieces = [piece for batch in batches for piece in
+                  split_packed(batch, self.pipeline.n_microbatches // len(batches), self.tokenizer.vision_start_id)]
+        loss = self.pipeline.step(pieces, global_tokens=label_tokens)
         logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
         dist.all_reduce(logged, group=self.loss_group)  # zeros off the last stage: their own groups sum zeros
         dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
@@ -543,17 +546,18 @@ class Trainer:
         self.meter.start()
         with nvtx_range(RANGE_STEP):
             with nvtx_range(RANGE_DATA):
-                stage, raw = next(self.curriculum)
+                draws = [next(self.curriculum) for _ in range(self.curriculum.micro_batches)]
+                stage, raws = draws[0][0], [raw for _, raw in draws]
                 lr, position = self.curriculum.lr, self.curriculum.position
-                batch = self.prepare(raw)
-            result = self.train_step(stage, batch, lr)
+                batches = [self.prepare(raw) for raw in raws]
+            result = self.train_step(stage, batches, lr)
         self.step += 1
-        lengths = raw["cu_seqlens"].diff().tolist()
-        flops = profiling.qwen3_vl_flops(self.model_config, lengths, raw["image_grid_thw"].tolist(),
-                                         trainable=stage.trainable)["total"]
+        flops = sum(profiling.qwen3_vl_flops(self.model_config, raw["cu_seqlens"].diff().tolist(),
+                                             raw["image_grid_thw"].tolist(), trainable=stage.trainable)["total"]
+                    for raw in raws)
+        tokens = sum(raw["input_ids"].numel() for raw in raws)
         # tp / cp / pp ranks share one micro-batch: each device's share of its tokens and FLOPs
-        record = self.meter.stop(self.step, raw["input_ids"].numel() / self.share, result["loss"],
-                                 flops / self.share)
+        record = self.meter.stop(self.step, tokens / self.share, result["loss"], flops / self.share)
         self.history.append({"step": self.step, "stage": stage.name, "lr": lr, **result, "seconds": record.seconds,
                              "tokens": record.tokens, "tokens_per_s": record.tokens_per_s, "flops": record.flops,
                              "mfu": record.mfu(self.meter.peak_flops), "peak_memory": record.peak_memory})

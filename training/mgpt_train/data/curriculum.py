@@ -5,8 +5,9 @@ A stage's ``mixture`` maps tag prefixes to sampling weights: each draw first pic
 weight / sum(weights), then the next sample of that prefix's pool. A pool is walked without replacement in a
 seeded permutation per pass ("epoch" of that pool); data-parallel ranks take disjoint shards of it
 (``perm[dp_rank::dp_size]``). Drawn samples fill a micro-batch up to ``max_tokens``; the draw that does not fit
-opens the next micro-batch, so every drawn sample is used and proportions are unbiased by length. One yielded
-micro-batch is one step of the stage's learning-rate schedule.
+opens the next micro-batch, so every drawn sample is used and proportions are unbiased by length. Every
+``micro_batches`` yielded micro-batches are one optimizer step of the stage's learning-rate schedule (gradient
+accumulation; 1 by default).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _full_trainable(trainable: Mapping[str, bool], where: str) -> dict[str, bool
 
 @dataclass(frozen=True)
 class CurriculumStage:
-    """One stage. Exactly one of ``steps`` (micro-batches) or ``epochs`` (passes over the pool's tokens, i.e.
-    ``ceil(epochs * pool_tokens / (max_tokens * dp_size))`` steps) sets its length. Samples longer than
+    """One stage. Exactly one of ``steps`` (optimizer steps) or ``epochs`` (passes over the pool's tokens, i.e.
+    ``ceil(epochs * pool_tokens / (max_tokens * dp_size * micro_batches))`` steps) sets its length. Samples longer than
     ``max_sample_tokens`` (if set) are left out of the pools. The learning rate warms up linearly over
     ``warmup_ratio`` of the steps to ``peak_lr`` and then follows a cosine down to ``min_lr`` at the last step.
     ``trainable`` maps parts (vision, merger, language) to bools; parts not named stay trainable."""
@@ -131,13 +132,14 @@ class _StagePlan:
 
 
 class Curriculum:
-    """Iterates ``(stage, batch)`` over all stages; deterministic from ``seed``; resumable at the exact batch
-    with :meth:`state_dict` / :meth:`load_state_dict`. After each yield, :attr:`lr` is that batch's learning rate
-    and :attr:`position` says where it came from. A stage change is visible as a new ``stage`` object: call
-    :func:`apply_trainable` then."""
+    """Iterates ``(stage, batch)`` over all stages, ``micro_batches`` packed micro-batches per optimizer step;
+    deterministic from ``seed``; resumable at the exact batch with :meth:`state_dict` / :meth:`load_state_dict`.
+    After each yield, :attr:`lr` is the learning rate of that batch's step and :attr:`position` says where it
+    came from (``micro_batch`` = its index within the step). A stage change is visible as a new ``stage``
+    object: call :func:`apply_trainable` then."""
 
     def __init__(self, stages: Sequence[CurriculumStage], dataset: Sequence[Sample], encoder: SampleEncoder,
-                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1) -> None:
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, micro_batches: int = 1) -> None:
         if not stages:
             raise ValueError("Curriculum: at least one stage is needed")
         names = [stage.name for stage in stages]
@@ -145,13 +147,16 @@ class Curriculum:
             raise ValueError(f"Curriculum: stage names must be unique, got {names}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"Curriculum: need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"Curriculum: micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches
         self.dataset, self.encoder = dataset, encoder
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.lengths = [encoder.num_tokens(sample) for sample in dataset]
         self.plans = [self._plan(stage) for stage in stages]
         self.lr: float | None = None
         self.position: dict | None = None
-        self._stage_index, self._step = 0, 0
+        self._stage_index, self._step, self._micro = 0, 0, 0
         self._reset_stage_cursor()
 
     def _plan(self, stage: CurriculumStage) -> _StagePlan:
@@ -181,7 +186,8 @@ class Curriculum:
             total_steps = stage.steps
         else:
             pool_tokens = sum(self.lengths[i] for i in set().union(*pools))
-            total_steps = max(1, math.ceil(stage.epochs * pool_tokens / (stage.max_tokens * self.dp_size)))
+            step_tokens = stage.max_tokens * self.dp_size * self.micro_batches
+            total_steps = max(1, math.ceil(stage.epochs * pool_tokens / step_tokens))
         return _StagePlan(stage, list(stage.mixture), list(stage.mixture.values()), pools, total_steps)
 
     @property
@@ -227,8 +233,9 @@ class Curriculum:
         if self._stage_index == len(self.plans):
             raise StopIteration
         plan = self.plans[self._stage_index]
-        # one generator per (stage, step, rank): the prefix choices need no saved generator state
-        rng = random.Random(f"mgpt-curriculum/{self.seed}/{plan.stage.name}/{self._step}/{self.dp_rank}")
+        # one generator per (stage, step, micro-batch, rank): the prefix choices need no saved generator state
+        rng = random.Random(f"mgpt-curriculum/{self.seed}/{plan.stage.name}/{self._step}/{self._micro}/"
+                            f"{self.dp_rank}")
         chosen = [] if self._pending is None else [self._pending]
         used = sum(self.lengths[i] for i in chosen)
         while True:
@@ -246,8 +253,11 @@ class Curriculum:
             "stage_index": self._stage_index,
             "step_in_stage": self._step,
             "global_step": sum(self.stage_steps[: self._stage_index]) + self._step,
+            "micro_batch": self._micro,
         }
-        self._step += 1
+        self._micro += 1
+        if self._micro == self.micro_batches:
+            self._step, self._micro = self._step + 1, 0
         return plan.stage, batch
 
     def state_dict(self) -> dict:
@@ -260,6 +270,7 @@ class Curriculum:
             "dataset_size": len(self.dataset),
             "stage_index": self._stage_index,
             "step": self._step,
+            "micro_batch": self._micro,
             "cursors": [list(cursor) for cursor in self._cursors],
             "pending": self._pending,
         }
@@ -267,14 +278,19 @@ class Curriculum:
     def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
         """Continue exactly where ``state`` was taken. ``strict=False`` accepts a state from another data-parallel
         layout (e.g. rank 0's after a resize): stage and step are restored, the pool passes restart on this
-        rank's shards - the same schedule position, but not the same samples."""
+        rank's shards - the same schedule position, but not the same samples. A state taken at a step boundary
+        also continues under another ``micro_batches`` (the step count of an ``epochs`` stage then differs)."""
         expected = self.state_dict()
         for key in ("seed", "stage_names", "dataset_size") + (("dp_rank", "dp_size") if strict else ()):
             if state[key] != expected[key]:
                 raise ValueError(
                     f"Curriculum.load_state_dict: {key} is {state[key]!r} in the state, {expected[key]!r} here"
                 )
-        self._stage_index, self._step = int(state["stage_index"]), int(state["step"])
+        micro = int(state.get("micro_batch", 0))  # states written before gradient accumulation have none
+        if micro >= self.micro_batches:
+            raise ValueError(f"Curriculum.load_state_dict: the state is at micro-batch {micro} of its step, but "
+                             f"this curriculum has micro_batches={self.micro_batches}")
+        self._stage_index, self._step, self._micro = int(state["stage_index"]), int(state["step"]), micro
         self._reset_stage_cursor()
         if state["dp_size"] != self.dp_size or state["dp_rank"] != self.dp_rank:
             return

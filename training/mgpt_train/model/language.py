@@ -99,10 +99,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens, info: AttentionInfo) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x, cos, sin, cu_seqlens, info: AttentionInfo, row_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        """``row_mask`` [rows of x]: False on padding rows (left out of the MoE router statistics)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, info)
-        out = self.mlp(self.post_attention_layernorm(x))
-        out, stats = out if isinstance(out, tuple) else (out, None)
+        if isinstance(self.mlp, SparseMoeBlock):
+            out, stats = self.mlp(self.post_attention_layernorm(x), row_mask)
+        else:
+            out, stats = self.mlp(self.post_attention_layernorm(x)), None
         return x + out, stats
 
 
@@ -116,15 +120,16 @@ class TextModel(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 info: AttentionInfo, visual_rows: torch.Tensor | None = None,
-                deepstack: list[torch.Tensor] = ()) -> tuple[torch.Tensor, list[RouterStats]]:
+                deepstack: list[torch.Tensor] = (), row_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[RouterStats]]:
         """(final normed hidden states [T, H], router stats of the MoE layers).
 
         visual_rows: int64 indices of the image-token rows, where ``deepstack[i]`` [len(visual_rows), H] is
-        added after layer i."""
+        added after layer i. row_mask: bool [T], False on padding rows (None: no padding)."""
         cos, sin = mrope_cos_sin(position_ids, self.config, inputs_embeds.dtype)
         x, router_stats = inputs_embeds, []
         for index, layer in enumerate(self.layers):
-            x, stats = layer(x, cos, sin, cu_seqlens, info)
+            x, stats = layer(x, cos, sin, cu_seqlens, info, row_mask)
             if stats is not None:
                 router_stats.append(stats)
             if index < len(deepstack):

@@ -14,9 +14,12 @@ An EP wrapper all-to-alls the sorted rows to the ranks owning the experts, calls
 slice of experts (``gate_up_proj`` / ``down_proj`` sharded on dim 0), and all-to-alls the results back.
 
 Load balancing: each MoE block returns ``RouterStats`` (per-expert top-k counts and summed probabilities over
-its rows); ``load_balancing_loss`` combines the layers as HF's ``load_balancing_loss_func`` does (no padding
-mask: a packed batch has no padding):  aux = E * sum_e (counts_e / rows) * (probs_e / rows), with counts and
-probs summed over all MoE layers and rows = tokens x layers.
+its rows); ``load_balancing_loss`` combines the layers as HF's ``load_balancing_loss_func`` does (a packed batch
+has no padding):  aux = E * sum_e (counts_e / rows) * (probs_e / rows), with counts and probs summed over all
+MoE layers and rows = tokens x layers = sum_e counts_e / k (every row makes k assignments). Padding added for
+parallelism or pipelining (``pad_tokens`` trailing tokens of a batch) reaches the block as ``row_mask`` (False on
+pad rows): pad rows are routed like any row but left out of the statistics, so the aux loss is the unpadded
+batch's whatever the padding.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from mgpt_train.model.config import TextConfig
 
 
 class RouterStats(NamedTuple):
-    counts: torch.Tensor  # fp32 [E]: top-k assignments per expert (no gradient)
+    counts: torch.Tensor  # fp32 [E]: top-k assignments per expert (no gradient); their sum is k x rows
     prob_sum: torch.Tensor  # fp32 [E]: sum over rows of the router probabilities (differentiable)
-    rows: int
 
 
 class TopKRouter(nn.Module):
@@ -44,13 +46,20 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
-        """(topk_idx [M, k], topk_weight [M, k] in x's dtype, stats)."""
+    def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """(topk_idx [M, k], topk_weight [M, k] in x's dtype, stats of the rows where ``row_mask`` [M] is True,
+        or of all rows)."""
         probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
         top_probs, topk_idx = torch.topk(probs, self.top_k, dim=-1)
         topk_weight = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(x.dtype)
-        counts = torch.bincount(topk_idx.flatten(), minlength=probs.shape[-1]).float()
-        return topk_idx, topk_weight, RouterStats(counts, probs.sum(0), probs.shape[0])
+        if row_mask is None:
+            counts = torch.bincount(topk_idx.flatten(), minlength=probs.shape[-1]).float()
+            return topk_idx, topk_weight, RouterStats(counts, probs.sum(0))
+        keep = row_mask.to(probs.dtype)[:, None]  # a multiply, not a boolean index: no host sync
+        counts = torch.bincount(topk_idx.flatten(), weights=keep.expand_as(topk_idx).flatten(),
+                                minlength=probs.shape[-1]).float()
+        return topk_idx, topk_weight, RouterStats(counts, (probs * keep).sum(0))
 
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -124,14 +133,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = TopKRouter(config)
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        topk_idx, topk_weight, stats = self.gate(x)
+    def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        topk_idx, topk_weight, stats = self.gate(x, row_mask)
         return self.experts(x, topk_idx, topk_weight), stats
 
 
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+def load_balancing_loss(stats: list[RouterStats], num_experts: int, top_k: int) -> torch.Tensor:
     """HF's router auxiliary loss over all MoE layers (see the module docstring)."""
-    rows = sum(s.rows for s in stats)
     counts = torch.stack([s.counts for s in stats]).sum(0)
     probs = torch.stack([s.prob_sum for s in stats]).sum(0)
-    return num_experts * torch.sum((counts / max(rows, 1)) * (probs / max(rows, 1)))
+    rows = (counts.sum() / top_k).clamp_min(1)
+    return num_experts * torch.sum((counts / rows) * (probs / rows))

@@ -1,14 +1,16 @@
 """``Qwen3VLModel``: the vision tower, the text decoder and the head, on a packed batch.
 
-    model(batch)        -> {"loss", "n_tokens", "aux_loss"}   (the training path; never [T, V] logits)
+    model(batch)        -> {"loss", "n_tokens", "aux_loss", "loss_sum", "aux_term"}   (training; never [T, V])
     model.logits(batch) -> [T, V]                              (tests and evaluation only)
     model.hidden_states(batch) -> (hidden [T, H], aux_loss)    (for callers with their own head / loss)
 
 The batch (see the train interfaces): ``input_ids`` [T], ``labels`` [T] (already shifted, -100 = no loss),
-``cu_seqlens`` int32 [S + 1], ``pixel_values`` [P, C*T*p*p], ``image_grid_thw`` [N, 3].
+``cu_seqlens`` int32 [S + 1], ``pixel_values`` [P, C*T*p*p], ``image_grid_thw`` [N, 3]; optional ``pad_tokens``
+(int: that many trailing tokens are padding -- a label-free sample -- left out of the MoE router statistics).
 
 Loss = mean over labels != -100 of -log p(label) through ``mgpt_ops.fused_linear_logprobs`` on the labelled
 rows only, + ``router_aux_loss_coef`` x aux_loss for MoE (aux_loss: HF's load-balancing loss, 0 for dense).
+Its two parts for ``mgpt_train.objective.StepLoss``: loss_sum = the sum of -log p, aux_term = coef x aux_loss.
 
 Module tree (HF names minus the ``model.`` prefix): ``visual.*``, ``language_model.*``, ``lm_head``. With
 ``tie_word_embeddings`` the head IS ``language_model.embed_tokens.weight``.
@@ -41,6 +43,10 @@ def check_batch(batch: dict, config: Qwen3VLConfig) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"Qwen3VLModel: batch['cu_seqlens'] must be int32 [S + 1], got {cu_seqlens.dtype} "
                          f"{list(cu_seqlens.shape)}")
+    pad = batch.get("pad_tokens", 0)
+    if not isinstance(pad, int) or not 0 <= pad <= input_ids.shape[0]:
+        raise ValueError(f"Qwen3VLModel: batch['pad_tokens'] (trailing padding tokens) must be an int in [0, "
+                         f"{input_ids.shape[0]}], got {pad!r}")
     labels = batch.get("labels")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"Qwen3VLModel: batch['labels'] must have the shape of input_ids {list(input_ids.shape)}, "
@@ -53,6 +59,15 @@ def check_batch(batch: dict, config: Qwen3VLConfig) -> None:
         if grid is None or grid.dim() != 2 or grid.shape[1] != 3 or int(grid.prod(-1).sum()) != pixels.shape[0]:
             raise ValueError(f"Qwen3VLModel: batch['image_grid_thw'] must be [N, 3] with sum(t*h*w) = P = "
                              f"{pixels.shape[0]}, got {None if grid is None else grid.tolist()}")
+
+
+def padding_row_mask(batch: dict, config: Qwen3VLConfig) -> torch.Tensor | None:
+    """bool [T], False on the batch's ``pad_tokens`` trailing padding tokens (``pad_packed_batch`` and the
+    pipeline add them), for the MoE router statistics; None for dense models or a batch without padding."""
+    pad, length = int(batch.get("pad_tokens", 0)), batch["input_ids"].shape[0]
+    if not config.is_moe or pad == 0:
+        return None
+    return torch.arange(length, device=batch["input_ids"].device) < length - pad
 
 
 @torch.no_grad()
@@ -126,8 +141,9 @@ class Qwen3VLModel(nn.Module):
         position_ids = mrope_position_ids(input_ids, cu_seqlens, grid, c.image_token_id,
                                           c.vision.spatial_merge_size)
         info = AttentionInfo.from_cu_seqlens(cu_seqlens)
-        hidden, router_stats = self.language_model(embeds, position_ids, cu_seqlens, info, visual_rows, deepstack)
-        aux = (load_balancing_loss(router_stats, c.text.num_experts) if router_stats
+        hidden, router_stats = self.language_model(embeds, position_ids, cu_seqlens, info, visual_rows, deepstack,
+                                                   padding_row_mask(batch, c))
+        aux = (load_balancing_loss(router_stats, c.text.num_experts, c.text.top_k) if router_stats
                else hidden.new_zeros((), dtype=torch.float32))
         return hidden, aux
 
@@ -138,10 +154,10 @@ class Qwen3VLModel(nn.Module):
         logprobs, _ = fused_linear_logprobs(hidden[rows], self.lm_head.weight, labels[rows],
                                             ignore_index=IGNORE_INDEX, return_entropy=False)
         n_tokens = torch.tensor(rows.shape[0], device=hidden.device)
-        loss = -logprobs.sum() / max(rows.shape[0], 1)
-        if self.config.is_moe:
-            loss = loss + self.config.text.router_aux_loss_coef * aux
-        return {"loss": loss, "n_tokens": n_tokens, "aux_loss": aux}
+        loss_sum = -logprobs.sum()
+        aux_term = self.config.text.router_aux_loss_coef * aux if self.config.is_moe else torch.zeros_like(loss_sum)
+        return {"loss": loss_sum / max(rows.shape[0], 1) + aux_term, "n_tokens": n_tokens, "aux_loss": aux,
+                "loss_sum": loss_sum, "aux_term": aux_term}
 
     def logits(self, batch: dict) -> torch.Tensor:
         """Full logits [T, V] (materialised: tests and evaluation only)."""
