@@ -34,11 +34,12 @@ from transformers import (AutoTokenizer, Qwen3VLConfig as HFQwen3VLConfig, Qwen3
 from conftest import rel_err
 from test_train_model import HF_MOE_TEXT, HF_TEXT, HF_VISION, randomize
 from mgpt_train import checkpoint, export, initialization
+from mgpt_train.build import load_data
 from mgpt_train.config import ConfigError, load_config
 from mgpt_train.data import Curriculum
 from mgpt_train.data.tokenizer import HFTokenizer
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
-from mgpt_train.train import METRICS_FILE, Trainer, load_data, main
+from mgpt_train.train import METRICS_FILE, Trainer, main
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5

@@ -29,11 +29,11 @@ import pytest
 import torch
 
 from mgpt_train import checkpoint
+from mgpt_train.build import build_model, build_optimizer, check_layout, load_data, make_encoder
 from mgpt_train.config import ConfigError, load_config
 from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, evaluate_by_tag, parameter_part
 from mgpt_train.parallel_dims import ParallelDims
-from mgpt_train.train import (CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, build_model, build_optimizer,
-                              check_layout, load_data, main, make_encoder)
+from mgpt_train.train import CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--data.synthetic.num_samples=40", "--data.synthetic.heldout_samples=6", "--data.max_tokens=256",

@@ -1,4 +1,4 @@
-"""How the run's initial weights come to be (``model.init``; ``mgpt_train.train.build_model`` uses these):
+"""How the run's initial weights come to be (``model.init``; ``mgpt_train.build.build_model`` uses these):
 
     "full"     every rank builds the whole model (meta device, ``to_empty``), initialises it by ``init_weights``
                after ``torch.manual_seed(data.seed)`` or loads the HF checkpoint (``init_model``), then parallelizes
