@@ -162,6 +162,7 @@ def test_config_from_argv(tmp_path):
     ("--model.text.head_dim=48", r"config key 'model': Qwen3VLConfig: mrope_section .* must sum to head_dim"),
     ("--data.min_pixels=100000", r"config key 'data.min_pixels': expected <= data.max_pixels"),
     ("--data.grad_accum=0", r"config key 'data.grad_accum': expected an int >= 1, got 0"),
+    ("--data.prefetch=-1", r"config key 'data.prefetch': expected an int >= 0, got -1"),
 ])
 def test_bad_overrides(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -20,6 +20,7 @@ from mgpt_train.data import (
     make_synthetic,
     parameter_part,
 )
+from mgpt_train.data.prefetch import Prefetcher
 
 TOK = ByteTokenizer()
 ENCODER = SampleEncoder(TOK, ImageProcessorConfig.tiny())
@@ -300,3 +301,56 @@ def test_curriculum_config_errors():
         Curriculum([stage(), stage()], DATA, ENCODER)
     with pytest.raises(ValueError, match="dp_rank < dp_size"):
         Curriculum([stage()], DATA, ENCODER, dp_rank=2, dp_size=2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prefetcher: the curriculum in a background thread
+# ------------------------------------------------------------------------------------------------------------
+def prefetch_stages():
+    return [CurriculumStage("one", {"vertical": 1.0}, steps=3, max_tokens=200),
+            CurriculumStage("two", {"general": 1.0}, steps=3, max_tokens=200)]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_yields_the_inline_stream_and_resumable_states(depth):
+    reference = Curriculum(prefetch_stages(), DATA, ENCODER, seed=4, micro_batches=2)
+    expected = []
+    for item in reference:
+        expected.append((item, dict(reference.position), reference.lr))
+    prefetcher = Prefetcher(Curriculum(prefetch_stages(), DATA, ENCODER, seed=4, micro_batches=2), depth)
+    got = list(prefetcher)
+    assert_same_batches([(p.stage, p.batch) for p in got], [item for item, _, _ in expected])
+    assert [(p.position, p.lr) for p in got] == [(position, lr) for _, position, lr in expected]
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+    # the state handed out with micro-batch k resumes at micro-batch k + 1, whatever the thread ran ahead to
+    resumed = Curriculum(prefetch_stages(), DATA, ENCODER, seed=4, micro_batches=2)
+    resumed.load_state_dict(got[4].state)
+    assert_same_batches(list(resumed), [item for item, _, _ in expected[5:]])
+    prefetcher.close()
+
+
+def test_prefetcher_raises_the_threads_error_and_stops_on_close():
+    curriculum = Curriculum(prefetch_stages(), DATA, ENCODER, seed=4)
+    calls = {"n": 0}
+    encode = curriculum.encoder.batch
+
+    class BrokenEncoder:
+        def batch(self, samples):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise FileNotFoundError("image file gone.png")
+            return encode(samples)
+
+    curriculum.encoder = BrokenEncoder()
+    prefetcher = Prefetcher(curriculum, depth=2)
+    next(prefetcher), next(prefetcher)
+    for _ in range(2):  # and again: the stream stays failed
+        with pytest.raises(FileNotFoundError, match="image file gone.png"):
+            next(prefetcher)
+    blocked = Prefetcher(Curriculum(prefetch_stages(), DATA, ENCODER, seed=4), depth=1)
+    next(blocked)  # the thread now waits on a full queue
+    blocked.close()
+    assert not blocked._thread.is_alive()
+    with pytest.raises(ValueError, match="depth must be an int >= 0, got -1"):
+        Prefetcher(curriculum, depth=-1)

@@ -115,6 +115,19 @@ def test_resume_is_identical_across_a_stage_boundary(tmp_path):
             assert torch.equal(a, b), (stop, name)
 
 
+def test_background_data_gives_the_inline_run(tmp_path):
+    """data.prefetch=3 (micro-batches prepared in a thread, the default path) and 0 (inline) train on the same
+    stream: identical losses, gradient norms and label counts; the thread is gone after fit()."""
+    runs = {}
+    for depth in (0, 3):
+        trainer = Trainer(config(tmp_path / str(depth), *stages_override((2, {}), (2, {"vision": False})),
+                                 f"--data.prefetch={depth}", "--data.grad_accum=2"))
+        runs[depth] = [(s["loss"], s["grad_norm"], s["label_tokens"]) for s in trainer.fit()["steps"]]
+        assert (trainer.batches._thread is None) == (depth == 0)
+        assert depth == 0 or not trainer.batches._thread.is_alive()
+    assert runs[0] == runs[3]
+
+
 # ----------------------------------------------------------------------------------- (c) freezing and lr
 
 def expected_lr(peak: float, min_lr: float, warmup_ratio: float, step: int, steps: int) -> float:

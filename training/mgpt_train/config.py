@@ -157,6 +157,7 @@ class DataConfig:
     # micro-batches per data-parallel rank and optimizer step (gradient accumulation): a step learns from
     # max_tokens x grad_accum x data-parallel ranks tokens at most
     grad_accum: int = 1
+    prefetch: int = 2  # micro-batches prepared ahead in a background thread (0: inline, in the training loop)
     seed: int = 0
     jsonl: str | None = None  # a JSONL dataset; None = the synthetic data
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -166,6 +167,7 @@ class DataConfig:
     def __post_init__(self):
         for name in ("max_tokens", "grad_accum", "min_pixels", "max_pixels"):
             _check(getattr(self, name) >= 1, f"data.{name}", "an int >= 1", getattr(self, name))
+        _check(self.prefetch >= 0, "data.prefetch", "an int >= 0", self.prefetch)
         _check(self.min_pixels <= self.max_pixels, "data.min_pixels", f"<= data.max_pixels ({self.max_pixels})",
                self.min_pixels)
 

@@ -22,7 +22,9 @@ One run (every rank computes, rank 0 prints and writes the result files):
      lines are held out) and the ``Curriculum`` over this rank's data-parallel shard; ``data.grad_accum`` packed
      micro-batches per data-parallel rank are one optimizer step (gradient accumulation: a forward and backward
      per micro-batch, FSDP reduce-scattering each one's gradients into the sharded sums; under pp they are
-     ``grad_accum x pp_microbatches`` pipeline micro-batches of one schedule step).
+     ``grad_accum x pp_microbatches`` pipeline micro-batches of one schedule step). A background thread prepares
+     ``data.prefetch`` micro-batches ahead (``mgpt_train.data.prefetch``; pinned on CUDA), and checkpoints record
+     the curriculum state of the last micro-batch trained on.
   4. AdamW, weight decay on matrices only (not on norms, biases). Its state is created for every parameter up
      front (zeros and step 0, exactly what AdamW creates lazily), so checkpoints always hold every parameter's
      state, even of parts frozen so far.
@@ -68,6 +70,7 @@ from mgpt_train.build import (build_model, build_optimizer, build_pipelined, che
                               load_data, make_encoder, run_device)
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
 from mgpt_train.data import Curriculum, apply_trainable, evaluate_by_tag
+from mgpt_train.data.prefetch import Prefetcher
 from mgpt_train.export import export_checkpoint, run_tokenizer
 from mgpt_train.model import Qwen3VLModel
 from mgpt_train.objective import StepLoss, global_label_tokens
@@ -228,6 +231,8 @@ class Trainer:
         peak = cfg.profiling.peak_flops or profiling.device_peak_flops(self.device)
         self.meter = profiling.StepMeter(peak_flops=peak, device=self.device)
         self.step, self.stage_name = 0, None
+        self.batches: Prefetcher | None = None  # started by the first step (after resume() moved the curriculum)
+        self.data_state: dict | None = None  # the curriculum's state after the last micro-batch trained on
         self.history: list[dict] = []  # one dict per step (metrics.json "steps")
         self.evals: list[dict] = []  # {"name", "step", "accuracy": {tag: fraction}}
         self.resume()
@@ -350,7 +355,8 @@ class Trainer:
         return copy
 
     def save(self) -> None:
-        extra = {"curriculum": self.curriculum.state_dict(), "history": self.history, "evals": self.evals,
+        data_state = self.data_state if self.data_state is not None else self.curriculum.state_dict()
+        extra = {"curriculum": data_state, "history": self.history, "evals": self.evals,
                  "train_config": self.cfg.to_dict()}  # what mgpt_train.export rebuilds the model from
         folder = checkpoint.save(self.step, self.parts, self.optimizers, extra, self.cfg.checkpoint_dir,
                                  keep=self.cfg.checkpoint.keep)
@@ -398,6 +404,8 @@ class Trainer:
                 self.run_one_step(progress)
                 tracer.step()
         progress.close()
+        if self.batches is not None:
+            self.batches.close()
         if not checkpoint.step_dir(cfg.checkpoint_dir, self.step).exists():
             self.save()
         if cfg.checkpoint.export_hf:
@@ -418,9 +426,12 @@ class Trainer:
         self.meter.start()
         with nvtx_range(RANGE_STEP):
             with nvtx_range(RANGE_DATA):
-                draws = [next(self.curriculum) for _ in range(self.curriculum.micro_batches)]
-                stage, raws = draws[0][0], [raw for _, raw in draws]
-                lr, position = self.curriculum.lr, self.curriculum.position
+                if self.batches is None:
+                    self.batches = Prefetcher(self.curriculum, self.cfg.data.prefetch,
+                                              pin_memory=self.device.type == "cuda")
+                draws = [next(self.batches) for _ in range(self.curriculum.micro_batches)]
+                stage, raws = draws[0].stage, [draw.batch for draw in draws]
+                lr, position, self.data_state = draws[-1].lr, draws[-1].position, draws[-1].state
                 batches = [self.prepare(raw) for raw in raws]
             result = self.train_step(stage, batches, lr)
         self.step += 1
