@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gloo_ranks import run_on_gloo_ranks
 from mgpt_train import checkpoint
 from mgpt_train.build import build_model, build_optimizer, check_layout, load_data, make_encoder
 from mgpt_train.config import ConfigError, load_config
@@ -283,6 +284,53 @@ def test_gradient_accumulation_steps_once_per_group_of_micro_batches(tmp_path, p
     labels = [sum(int((batch["labels"] != -100).sum()) for _, batch in draws[3 * k:3 * k + 3]) for k in range(4)]
     assert [s["tokens"] for s in results["steps"]] == tokens
     assert [s["label_tokens"] for s in results["steps"]] == labels
+
+
+HSDP_ACCUM = [*SMALL, *stages_override((2, {}), (1, {"vision": False})), "--parallel.dp_replicate=2",
+              "--parallel.dp_shard=2", "--optimizer.grad_clip=0.5", "--checkpoint.every=0"]
+
+
+def _hsdp_accumulation_rank(rank: int) -> dict:
+    """HSDP 2 x 2 with grad_accum 1 and 3: all-reduces across the replicas per optimizer step, and the losses."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    counts, losses = {}, {}
+    for accum in (1, 3):
+        trainer = Trainer(load_config(None, [*HSDP_ACCUM, f"--data.grad_accum={accum}",
+                                             f"--output_dir={tempfile.mkdtemp()}"]))
+        replicas = sorted(dist.get_process_group_ranks(trainer.mesh["dp_replicate"].get_group()))
+        calls, original = [], dist.all_reduce
+
+        def counting(tensor, *args, group=None, **kwargs):
+            if group is not None and sorted(dist.get_process_group_ranks(group)) == replicas:
+                calls.append(tensor.numel())
+            return original(tensor, *args, group=group, **kwargs)
+
+        dist.all_reduce = counting
+        try:
+            for _ in range(trainer.curriculum.total_steps):
+                trainer.run_one_step()
+        finally:
+            dist.all_reduce = original
+        counts[accum] = len(calls) / trainer.curriculum.total_steps
+        losses[accum] = [(h["loss"], h["grad_norm"]) for h in trainer.history]
+    return {"counts": counts, "losses": losses}
+
+
+@pytest.mark.distributed
+def test_hsdp_gradient_accumulation_all_reduces_across_replicas_once_per_step(tmp_path):
+    """dp_replicate=2 x dp_shard=2 with grad_accum=3: the cross-replica all-reduces per optimizer step are those of
+    grad_accum=1 (only the last micro-batch's backward all-reduces; FSDP2 keeps the partial sums), and the steps
+    equal the single-process reference over the 4 data ranks' 3 micro-batches each."""
+    results = run_on_gloo_ranks(_hsdp_accumulation_rank, 4, tmp_path, timeout_s=300)
+    counts = results[0]["counts"]
+    assert counts["1"] == counts["3"] > 0, counts
+    reference, _ = reference_steps(load_config(None, [*HSDP_ACCUM, "--data.grad_accum=3"]), world=4)
+    for (loss, norm), (ref_loss, ref_norm) in zip(results[0]["losses"]["3"], reference, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------- (e) bad command lines

@@ -277,13 +277,21 @@ class Trainer:
             tokens = global_label_tokens(batches, self.loss_group, self.dims.cp, self.device)
             return self._pipeline_step(batches, int(tokens))
         objective = StepLoss(batches, self.loss_group, self.dims.cp, self.device)
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            self._replica_all_reduce(index == len(batches) - 1)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch)
             with nvtx_range(RANGE_BACKWARD):
                 objective.backward(out)
         return {"loss": objective.value().item(), "grad_norm": self._optimizer_step(),
                 "label_tokens": int(objective.label_tokens)}
+
+    def _replica_all_reduce(self, enabled: bool) -> None:
+        """HSDP (dp_replicate > 1) under gradient accumulation: every micro-batch's backward reduce-scatters
+        within the shard group, but only the step's last one all-reduces across the replicas (FSDP2 keeps the
+        partial sums meanwhile) -- one inter-node all-reduce per step, not per micro-batch."""
+        if self.dims.dp_replicate > 1 and hasattr(self.model, "set_requires_all_reduce"):
+            self.model.set_requires_all_reduce(enabled, recurse=True)
 
     def _pipeline_step(self, batches: list[dict], label_tokens: int) -> dict:
         """Each micro-batch split into ``pp_microbatches`` pieces, all of them the pipeline micro-batches of one
