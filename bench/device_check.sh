@@ -31,7 +31,8 @@ BENCH_FAMILIES=${BENCH_FAMILIES:-vision quant train}
 # GPU kernels come first (pytest keeps the order of the files it is given; a directory would run alphabetically
 # and the vision / quant kernels would fall behind the time limit), then every other test file.
 GPU_FIRST="tests/test_vision_attention.py tests/test_hf_patch.py tests/test_scaled_mm.py tests/test_block_scaled_mm.py
-  tests/test_grouped_block_mm.py tests/test_w4a16.py tests/test_quantize.py tests/test_train_context_parallel.py"
+  tests/test_grouped_block_mm.py tests/test_w4a16.py tests/test_quantize.py tests/test_train_context_parallel.py
+  tests/test_train_data_curriculum.py"
 OTHER_TESTS=$(cd "$(dirname "$0")/.." && ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $GPU_FIRST) | tr '\n' ' ')
 TEST_ARGS=${TEST_ARGS-"-m 'not distributed' $(echo $GPU_FIRST) $OTHER_TESTS"}
 # extra bench arguments, e.g. BENCH_ARGS='--only "N=8192"' to fit a short lease

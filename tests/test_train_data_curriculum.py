@@ -354,3 +354,17 @@ def test_prefetcher_raises_the_threads_error_and_stops_on_close():
     assert not blocked._thread.is_alive()
     with pytest.raises(ValueError, match="depth must be an int >= 0, got -1"):
         Prefetcher(curriculum, depth=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA (MGPT_TEST_DEVICE=cuda runs)")
+def test_prefetcher_pins_batches_for_the_given_device():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    prefetcher = Prefetcher(Curriculum(prefetch_stages(), DATA, ENCODER, seed=4), depth=2, pin_device=device)
+    item = next(prefetcher)
+    assert all(v.is_pinned() for v in item.batch.values() if torch.is_tensor(v))
+    prefetcher.close()
+
+
+def test_prefetcher_pin_device_must_be_cuda():
+    with pytest.raises(ValueError, match="pin_device must be a CUDA device or None, got cpu"):
+        Prefetcher(Curriculum(prefetch_stages(), DATA, ENCODER, seed=4), pin_device=torch.device("cpu"))

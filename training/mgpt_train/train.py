@@ -436,7 +436,7 @@ class Trainer:
             with nvtx_range(RANGE_DATA):
                 if self.batches is None:
                     self.batches = Prefetcher(self.curriculum, self.cfg.data.prefetch,
-                                              pin_memory=self.device.type == "cuda")
+                                              pin_device=self.device if self.device.type == "cuda" else None)
                 draws = [next(self.batches) for _ in range(self.curriculum.micro_batches)]
                 stage, raws = draws[0].stage, [draw.batch for draw in draws]
                 lr, position, self.data_state = draws[-1].lr, draws[-1].position, draws[-1].state

@@ -35,12 +35,16 @@ _END = object()
 
 class Prefetcher:
     """Iterates ``Prepared`` micro-batches of ``curriculum``; ``depth`` > 0 prepares them in a background
-    thread (at most ``depth`` waiting), 0 inline. ``pin_memory``: pin the batch tensors (CUDA runs)."""
+    thread (at most ``depth`` waiting), 0 inline. ``pin_device``: a CUDA device to pin the batch tensors for; the
+    thread makes it its current device first (as DataLoader's pin thread does), else pinning would create a
+    context on GPU 0 from every rank of a node."""
 
-    def __init__(self, curriculum: Curriculum, depth: int = 2, pin_memory: bool = False):
+    def __init__(self, curriculum: Curriculum, depth: int = 2, pin_device: torch.device | None = None):
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"Prefetcher: depth must be an int >= 0, got {depth!r}")
-        self.curriculum, self.depth, self.pin_memory = curriculum, depth, pin_memory
+        if pin_device is not None and torch.device(pin_device).type != "cuda":
+            raise ValueError(f"Prefetcher: pin_device must be a CUDA device or None, got {pin_device}")
+        self.curriculum, self.depth, self.pin_device = curriculum, depth, pin_device
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread = None
@@ -50,12 +54,14 @@ class Prefetcher:
 
     def _prepare(self) -> Prepared:
         stage, batch = next(self.curriculum)
-        if self.pin_memory:
+        if self.pin_device is not None:
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         return Prepared(stage, batch, self.curriculum.lr, dict(self.curriculum.position),
                         self.curriculum.state_dict())
 
     def _produce(self) -> None:
+        if self.pin_device is not None:
+            torch.cuda.set_device(self.pin_device)
         while not self._stop.is_set():
             try:
                 item = self._prepare()
