@@ -9,7 +9,7 @@
 - gradient accumulation (data.grad_accum) in one process, dense and MoE, equals the reference's step over the
   same micro-batches;
 - the CLI under torchrun with 2 gloo ranks -- dp_shard=2 (FSDP2), pp=2 (pipeline, tied head copy), tp=2, and
-  with grad_accum=2 the MoE preset on dp_shard=2 x ep=2 and pp=2 -- and with 4 -- pp=2 x dp_shard=2 (pipeline
+  with grad_accum=2 the MoE preset on dp_shard=2 x ep=2 and on pp=2 -- and with 4 -- pp=2 x dp_shard=2 (pipeline
   stages sharded by FSDP2), pp=2 x cp=2, the MoE preset on dp_shard=2 x tp=2 x ep=2 -- exits 0 and its losses and
   gradient norms equal an unparallelized single-process reference trained on the same step data (for dp: the
   union of the data ranks' micro-batches, token-weighted mean loss);
@@ -34,7 +34,7 @@ from mgpt_train.build import build_model, build_optimizer, check_layout, load_da
 from mgpt_train.config import ConfigError, load_config
 from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, evaluate_by_tag, parameter_part
 from mgpt_train.parallel_dims import ParallelDims
-from mgpt_train.train import CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, main
+from mgpt_train.train import CONFIG_FILE, METRICS_FILE, PLOT_FILE, Trainer, main, split_packed
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--data.synthetic.num_samples=40", "--data.synthetic.heldout_samples=6", "--data.max_tokens=256",
@@ -178,31 +178,36 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
     """(loss, gradient norm) per step of a single process without parallelism, each step on the union of every
     data-parallel rank's ``data.grad_accum`` micro-batches (curricula built for dp ranks 0..world-1), one forward
     per micro-batch, with the token-weighted mean loss and torch's own gradient clipping; and the held-out accuracy
-    per tag of the final weights."""
+    per tag of the final weights. MoE: + coef x the aux loss averaged over each rank's micro-batches, then over the
+    ranks; under pp the aux loss is that of each pipeline micro-batch (``split_packed`` pieces, the empty ones
+    left out), the pipeline's definition."""
     tokenizer = ByteTokenizer()
     model = build_model(cfg, tokenizer, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     encoder = make_encoder(cfg, model.config, tokenizer)
     train, heldout = load_data(cfg)
     accum = cfg.data.grad_accum
+    pieces = cfg.parallel.pp_microbatches if cfg.parallel.pp > 1 else 1
     curricula = [Curriculum(cfg.curriculum_stages(), train, encoder, seed=cfg.data.seed, dp_rank=r, dp_size=world,
                             micro_batches=accum) for r in range(world)]
     steps, stage_name = [], None
     micro = zip(*curricula)  # per micro-batch: every rank's (stage, batch)
     while step_draws := list(itertools.islice(micro, accum)):
-        draws = [draw for group in step_draws for draw in group]
-        stage = draws[0][0]
+        stage = step_draws[0][0][0]
         if stage.name != stage_name:
             apply_trainable(model, stage)
             stage_name = stage.name
         for group in optimizer.param_groups:
             group["lr"] = curricula[0].lr
-        outs = [model(batch) for _, batch in draws]
-        tokens = sum(out["n_tokens"] for out in outs)
-        coef = model.config.text.router_aux_loss_coef if model.config.is_moe else 0.0
-        # token mean of the cross-entropy + coef x the mean over micro-batches of the MoE aux loss
-        loss = (sum((out["loss"] - coef * out["aux_loss"]) * out["n_tokens"] for out in outs) / tokens
-                + coef * sum(out["aux_loss"] for out in outs) / len(outs))
+        tokens, loss_sum, aux = 0, 0.0, 0.0
+        for rank in range(world):
+            units = [piece for group in step_draws for piece in split_packed(group[rank][1], pieces,
+                                                                                tokenizer.vision_start_id)]
+            outs = [model(unit) for unit in units if unit["input_ids"].numel()]
+            tokens += sum(out["n_tokens"] for out in outs)
+            loss_sum = loss_sum + sum(out["loss_sum"] for out in outs)
+            aux = aux + sum(out["aux_term"] for out in outs) / len(outs) / world
+        loss = loss_sum / tokens + aux
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                               cfg.optimizer.grad_clip)
@@ -216,12 +221,13 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
 
 
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
-# (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation on an unsharded copy;
+# (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation on
+# an unsharded copy;
 # pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
 # pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks;
 # MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards;
 # grad_accum: two forward / backward passes per step (FSDP + EP: the aux loss's mean over ranks and micro-batches;
-# pp: 2 x 2 pipeline micro-batches in one schedule step, the tied head's gradients exchanged once)
+# MoE pp: 2 x 2 pipeline micro-batches in one schedule step, the aux loss per pipeline micro-batch, logged too)
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, layout, data_ranks", [
     (2, ["--parallel.dp_shard=2"], 2),
@@ -231,9 +237,10 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
     (4, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.cp=2", "--parallel.pp_microbatches=2"], 1),
     (4, ["--model.preset=tiny_moe", "--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2"], 2),
     (2, ["--model.preset=tiny_moe", "--parallel.dp_shard=2", "--parallel.ep=2", "--data.grad_accum=2"], 2),
-    (2, ["--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=2", "--data.grad_accum=2"], 1),
+    (2, ["--model.preset=tiny_moe", "--parallel.dp_shard=1", "--parallel.pp=2", "--parallel.pp_microbatches=2",
+         "--data.grad_accum=2"], 1),
 ], ids=["fsdp_dp_shard2", "pipeline_pp2", "tensor_tp2", "pipeline_pp2_fsdp_dp_shard2", "pipeline_pp2_context_cp2",
-        "moe_dp_shard2_tp2_ep2", "moe_dp_shard2_ep2_grad_accum2", "pipeline_pp2_grad_accum2"])
+        "moe_dp_shard2_tp2_ep2", "moe_dp_shard2_ep2_grad_accum2", "moe_pipeline_pp2_grad_accum2"])
 def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     overrides = [*SMALL, *stages_override((2, {}), (2, {"vision": False})), *layout, "--optimizer.grad_clip=0.5",
                  f"--output_dir={tmp_path}"]

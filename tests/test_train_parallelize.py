@@ -4,11 +4,12 @@ For every layout, each rank builds the same tiny model (unit-scale random weight
 softmax flat and hides errors), parallelizes it and trains 3 SGD (momentum) steps on its data-parallel
 micro-batch (packed samples with images, DeepStack on, padded with ``pad_packed_batch``) with
 ``mgpt_train.objective.StepLoss``. The reference is the UNPARALLELIZED model in one process on all micro-batches of
-the step, unpadded (the MoE router statistics leave pad rows out, so padding changes nothing): loss = sum(-log p) / all label tokens + coef * mean aux, from the plain ``model(batch)`` outputs (mean loss,
-n_tokens, aux_loss). Compared every step: the logged loss and every parameter's gradient (DTensor.full_tensor()),
-relative L2 error < 1e-5 for losses and first-step gradients, < 2e-5 for later gradients (fp32; the two sides
-differ only in summation order and in where the collectives sum, and later steps start from parameters that
-already differ by that rounding). The state dict's names and global shapes must be the unparallelized model's.
+the step, unpadded (the MoE router statistics leave pad rows out, so padding changes nothing): loss = sum(-log p) /
+all label tokens + coef * mean aux, from the plain ``model(batch)`` outputs (mean loss, n_tokens, aux_loss).
+Compared every step: the logged loss and every parameter's gradient (DTensor.full_tensor()), relative L2 error <
+1e-5 for losses and first-step gradients, < 2e-5 for later gradients (fp32; the two sides differ only in summation
+order and in where the collectives sum, and later steps start from parameters that already differ by that rounding).
+The state dict's names and global shapes must be the unparallelized model's.
 
 With 2 data ranks, rank 1's batch holds no image: under FSDP it must still run the vision tower's collectives.
 Under cp / tp the ranks sharing a batch split its 3 images (checked on the first vision block's input rows; with

@@ -5,8 +5,9 @@ token-weighted mean of the micro-batches' losses), every parameter's gradient (g
 names) and the updated weights. Micro-batches hold images (vision tower on stage 0, DeepStack taps added on
 stages 0 and 1 of the interleaved split), a text-only micro-batch, one that fills seq_len exactly, and a tied
 head (its copy on the last stage). MoE cases (1F1B with MoE layers on both stages; interleaved, the router
-statistics crossing three stage boundaries; micro-batches padded to seq_len but one) check the exact aux loss
-(pad rows left out of the router statistics): its gradient reaches every stage's routers. One spawn of 2 ranks runs every distributed case.
+statistics crossing three stage boundaries; micro-batches padded to seq_len but one) check the exact aux loss (pad
+rows left out of the router statistics): its gradient reaches every stage's routers. One spawn of 2 ranks runs every
+distributed case.
 
 Reference: ``Qwen3VLModel`` forward/backward per micro-batch (no pipelining, no padding), weighted by its label
 tokens; unit-scale random weights so that errors in masking or routing cannot hide in flat softmaxes.

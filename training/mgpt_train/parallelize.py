@@ -26,13 +26,13 @@ Where the tokens live (T = packed tokens of one micro-batch, the batch layout of
 Packed lengths must be divisible by 2*cp and T/cp by tp: pad with ``pad_packed_batch`` (a separate sample of
 label -100 tokens) or get a ValueError naming the sizes.
 
-Loss normalisation (``mgpt_train.objective.StepLoss``): FSDP2 AVERAGES gradients over the dp_replicate x
-dp_shard x cp ranks (N of them), so each rank backpropagates  loss_sum_local * N / global_tokens + aux_term  (per
-micro-batch, aux_term divided by the micro-batches of the step) and the average of the N gradients is the
-gradient of the single-process objective (tp ranks hold identical losses and are not averaged). Expert parameters under EP receive the sum over their ep group's tokens already (the all-to-all
-backward), so their FSDP reduction divides by N as well (not by its own N/ep ranks). Under tp, the MoE
-parameters and the vision tower get from each tp rank the gradient of its own tokens / images only: their FSDP
-reduction also SUMS over the tp ranks and still divides by N.
+Loss normalisation (``mgpt_train.objective.StepLoss``): FSDP2 AVERAGES gradients over the dp_replicate x dp_shard x
+cp ranks (N of them), so each rank backpropagates loss_sum_local * N / global_tokens + aux_term (per micro-batch,
+aux_term divided by the micro-batches of the step) and the average of the N gradients is the gradient of the
+single-process objective (tp ranks hold identical losses and are not averaged). Expert parameters under EP receive
+the sum over their ep group's tokens already (the all-to-all backward), so their FSDP reduction divides by N as well
+(not by its own N/ep ranks). Under tp, the MoE parameters and the vision tower get from each tp rank the gradient of
+its own tokens / images only: their FSDP reduction also SUMS over the tp ranks and still divides by N.
 """
 
 from __future__ import annotations

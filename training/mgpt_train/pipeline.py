@@ -27,16 +27,16 @@ small and is computed on every rank from the micro-batch itself (``step`` takes 
 rank; only the first stage reads ``pixel_values``). The schedule hands each stage its micro-batch index as the
 keyword tensor ``microbatch``.
 
-Loss. The last stage returns the per-token log-probabilities [1, seq_len] (``mgpt_ops.fused_linear_logprobs``
-on the labelled rows only, zeros elsewhere); the schedule's loss is -sum(logprobs) / N with N the label tokens
-of the whole step (or the caller's ``global_tokens``), and gradients are not rescaled by the schedule, so the
-summed loss and the gradients equal one forward of the full model over the same micro-batches (token-weighted
-mean). MoE: every stage adds its layers' router statistics to the running ones, so the last stage holds those
-of ALL MoE layers and adds ``router_aux_loss_coef * aux / n_microbatches`` with aux the model's load-balancing
-loss (one product of sums over all layers), through an identity op whose backward injects the aux gradient; it
-flows back through the statistics to every stage's routers. Pad rows (the pipeline's and a batch's own
-``pad_tokens``) are routed but left out of the statistics, so that is the model's objective on the unpadded
-micro-batches exactly. The returned loss is the cross-entropy only.
+Loss. The last stage returns the per-token log-probabilities [1, seq_len] (``mgpt_ops.fused_linear_logprobs`` on the
+labelled rows only, zeros elsewhere); the schedule's loss is -sum(logprobs) / N with N the label tokens of the whole
+step (or the caller's ``global_tokens``), and gradients are not rescaled by the schedule, so the summed loss and the
+gradients equal one forward of the full model over the same micro-batches (token-weighted mean). MoE: every stage
+adds its layers' router statistics to the running ones, so the last stage holds those of ALL MoE layers and adds
+``router_aux_loss_coef * aux / (non-empty micro-batches)`` with aux the model's load-balancing loss (one product of
+sums over all layers), through an identity op whose backward injects the aux gradient; it flows back through the
+statistics to every stage's routers. Pad rows (the pipeline's and a batch's own ``pad_tokens``) are routed but left
+out of the statistics, so that is the model's objective on the unpadded micro-batches exactly. The returned loss is
+the cross-entropy only (the aux term of the step: ``last_aux``).
 
 Tied embeddings (``tie_word_embeddings``) across pp ranks: the last stage keeps its own copy of the embedding as
 ``lm_head.weight``; ``init_weights`` copies stage 0's value to it and ``step`` sums the two gradients between
@@ -262,6 +262,7 @@ class PipelineStageModule(nn.Module):
                 self.lm_head = full.lm_head
         self.moe_layers = sum(full.config.text.is_moe_layer(i) for i in range(full.config.text.num_hidden_layers))
         self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
+        self.aux_terms: list[torch.Tensor] = []  # the last stage's MoE aux terms of the step (detached, for logs)
         self.tokens = DecoderTokenLayout(None, None)  # Pipeline.shard_tokens: cp shards, tp sequence pieces
         # Set by parallelize_pipeline under FSDP: the vision tower runs on every micro-batch (idle_vision).
         self.vision_every_microbatch = False
@@ -336,10 +337,14 @@ class PipelineStageModule(nn.Module):
     def _aux_term(self, running: torch.Tensor) -> torch.Tensor:
         """coef x the model's load-balancing loss of the micro-batch, from the router statistics of all MoE layers
         (summed by the stages, then over the tp and cp ranks: each rank routes its sequence piece), divided by the
-        micro-batch count (the step's mean)."""
+        count of non-empty micro-batches (the step's mean)."""
         totals = self.tokens.sum_router_stats(RouterStats(running[0].detach(), running[1]))
         aux = load_balancing_loss([totals], self.config.text.num_experts, self.config.text.top_k)
-        return aux * (self.config.text.router_aux_loss_coef / len(self.microbatches))
+        # an empty micro-batch (a short step split into pieces) has no statistics and is not counted
+        pieces = max(1, sum(1 for mb in self.microbatches if mb.tokens))
+        term = aux * (self.config.text.router_aux_loss_coef / pieces)
+        self.aux_terms.append(term.detach())
+        return term
 
     def _logprobs(self, hidden: torch.Tensor, mb: PaddedMicroBatch) -> torch.Tensor:
         """Per-token log-probability of the label [1, T / cp] over this rank's context shard (0 on unlabelled
@@ -421,6 +426,7 @@ class Pipeline:
         self.schedule_name = schedule
         self._schedule = None  # built by the first step, once the token layout (the shapes exchanged) is final
         self._loss_scale = 1.0
+        self.last_aux: torch.Tensor | None = None  # see step()
 
         # Tied head and embedding on two ranks: each holds a copy, the pair exchanges values and gradients.
         first, last = plans[0], plans[-1]
@@ -567,7 +573,9 @@ class Pipeline:
         N = the step's label tokens, or ``global_tokens`` (the label tokens summed over the data-parallel ranks;
         then the returned loss is this rank's share and the backward loss is multiplied by
         ``data_parallel_ranks``, whose gradients FSDP averages). Under cp each rank scores its context shard's
-        labels: the returned loss is the shard's share, to be summed over the cp (and data-parallel) ranks."""
+        labels: the returned loss is the shard's share, to be summed over the cp (and data-parallel) ranks.
+        ``last_aux`` then holds the step's MoE aux term (coef x the mean aux loss of the micro-batches; 0 for dense
+        models) on the last stage's ranks, None elsewhere."""
         if not isinstance(microbatches, (list, tuple)) or len(microbatches) != self.n_microbatches:
             got = (f"{len(microbatches)} of them" if isinstance(microbatches, (list, tuple))
                    else type(microbatches).__name__)
@@ -578,7 +586,7 @@ class Pipeline:
         tokens = sum(mb.label_rows.shape[0] for mb in padded) if global_tokens is None else global_tokens
         self._loss_scale = self.data_parallel_ranks / max(int(tokens), 1)
         for module in self.stage_modules:
-            module.microbatches = padded
+            module.microbatches, module.aux_terms = padded, []
         args = (torch.stack([mb.input_ids for mb in padded]),) if self.has_first_stage else ()
         target = (torch.stack([self.tokens.cp_shard(mb.labels, 0) for mb in padded]) if self.has_last_stage
                   else None)
@@ -593,7 +601,10 @@ class Pipeline:
                 module.microbatches = []
         self._reduce_tied_grads()
         if not self.has_last_stage:
+            self.last_aux = None
             return None
+        terms = [term for module in self.stage_modules for term in module.aux_terms]
+        self.last_aux = torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
         return torch.stack(losses).sum().detach() / self.data_parallel_ranks
 
 

@@ -6,8 +6,9 @@
 One run (every rank computes, rank 0 prints and writes the result files):
   1. the configuration (``mgpt_train.config``: file, then ``--key.sub=value`` overrides); a process group when
      WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); ``ParallelDims`` and its DeviceMesh.
-  2. the model (``mgpt_train.build.build_model``): the preset / ``model.hf_config`` shape with the byte tokenizer's vocabulary, or
-     a Hugging Face folder's shape, weights and tokenizer (``model.hf_checkpoint``, see ``mgpt_train.export``).
+  2. the model (``mgpt_train.build.build_model``): the preset / ``model.hf_config`` shape with the byte
+     tokenizer's vocabulary, or a Hugging Face folder's shape, weights and tokenizer (``model.hf_checkpoint``, see
+     ``mgpt_train.export``).
      ``model.init`` ("full", "sharded", "auto"; ``mgpt_train.initialization`` documents them): the whole seeded
      (or HF) model on every rank, then ``parallelize_qwen3_vl`` (FSDP2 / HSDP / TP / CP / EP, bf16 compute when
      ``model.dtype = "bfloat16"``; one process autocasts to bf16 instead) -- or parallelized on the meta device and only
@@ -297,13 +298,18 @@ class Trainer:
         """Each micro-batch split into ``pp_microbatches`` pieces, all of them the pipeline micro-batches of one
         schedule step (forward and backward). The loss is the token mean over the micro-batches of all
         data-parallel ranks, as in one process: each last stage returns its share (its context shard's -log p sum
-        over the global label tokens), summed over the data and context ranks, then sent from the last stage to
-        every pp rank."""
+        over the global label tokens), summed over the data and context ranks, plus the MoE aux term averaged over
+        them, then sent from the last stage to every pp rank. MoE: the load-balancing loss is that of each
+        pipeline micro-batch (averaged), not of the whole micro-batch -- 1F1B starts a piece's backward before the
+        last piece's router statistics exist; Megatron's pipelines do the same."""
         pieces = [piece for batch in batches for piece in
                   split_packed(batch, self.pipeline.n_microbatches // len(batches), self.tokenizer.vision_start_id)]
         loss = self.pipeline.step(pieces, global_tokens=label_tokens)
-        logged = loss.float() if loss is not None else torch.zeros((), device=self.device)
-        dist.all_reduce(logged, group=self.loss_group)  # zeros off the last stage: their own groups sum zeros
+        # (cross-entropy share, aux term) on the last stage, zeros elsewhere: their own groups sum zeros
+        sums = (torch.stack([loss, self.pipeline.last_aux]).float() if loss is not None
+                else torch.zeros(2, device=self.device))
+        dist.all_reduce(sums, group=self.loss_group)
+        logged = sums[0] + sums[1] / dist.get_world_size(self.loss_group)  # the aux term: mean over the ranks
         dist.broadcast(logged, src=self.last_stage_rank, group=self.pp_group)
         return {"loss": logged.item(), "grad_norm": self._optimizer_step(), "label_tokens": label_tokens}
 
