@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from gloo_ranks import error_message, run_on_gloo_ranks
 from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, mrope_position_ids
 from mgpt_train.parallel_dims import ParallelDims
-from mgpt_train.pipeline import build_pipeline, check_schedule, pad_microbatch, plan_stages, split_layers
+from mgpt_train.pipeline import build_pipeline
+from mgpt_train.pipeline_plan import check_schedule, pad_microbatch, plan_stages, split_layers
 
 WORLD = 2
 SEQ_LEN = 40
