@@ -30,7 +30,8 @@ import torch
 
 from gloo_ranks import run_on_gloo_ranks
 from mgpt_train import checkpoint
-from mgpt_train.build import build_model, build_optimizer, check_layout, load_data, make_encoder
+from mgpt_train.build import (build_model, build_optimizer, check_evaluation, check_layout, load_data,
+                              make_encoder)
 from mgpt_train.config import ConfigError, load_config
 from mgpt_train.data import ByteTokenizer, Curriculum, apply_trainable, evaluate_by_tag, parameter_part
 from mgpt_train.parallel_dims import ParallelDims
@@ -373,6 +374,24 @@ def test_unsupported_layouts_are_config_errors():
         check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2, dp_shard=1, tp=2))
     check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=2))
     check_layout(load_config(None, ["--model.dtype=bfloat16"]), ParallelDims(world_size=1))  # autocast
+
+
+def test_evaluation_that_cannot_fit_is_refused_and_can_be_switched_off(tmp_path, capsys):
+    """The unsharded evaluation copy (tp / cp / pp) of the 30B shape, 124 GB in fp32, is refused for an 80 GiB GPU
+    with the key to set; data parallelism alone, or evaluation off, passes. evaluation.enabled=false: a run
+    without held-out evaluations."""
+    big = load_config(REPO / "training/configs/qwen3_vl_30b_a3b.toml", ["--evaluation.enabled=true"])
+    model_config = big.model.build()
+    gpu = 80 * 2**30
+    with pytest.raises(ConfigError, match=r"'evaluation.enabled': .* unsharded fp32 copy .* \(115.7 GiB\), more than "
+                                          r"a quarter of the device's 80.0 GiB; set --evaluation.enabled=false"):
+        check_evaluation(big, model_config, ParallelDims(world_size=16, pp=2, tp=2, ep=4), gpu)
+    check_evaluation(big, model_config, ParallelDims(world_size=16, ep=4), gpu)  # the model's own forward
+    check_evaluation(load_config(REPO / "training/configs/qwen3_vl_30b_a3b.toml"), model_config,
+                     ParallelDims(world_size=16, pp=2, tp=2, ep=4), gpu)  # the file switches it off
+    results = Trainer(config(tmp_path, *stages_override((1, {}), (1, {})), "--evaluation.enabled=false")).fit()
+    assert results["evals"] == [] and len(results["steps"]) == 2
+    assert "held-out" not in capsys.readouterr().out
 
 
 def test_compiled_decoder_layers_train_like_eager(tmp_path):

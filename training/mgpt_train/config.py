@@ -274,6 +274,14 @@ class ProfilingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # held-out exact match per tag before training and after every stage; under tp / cp / pp it runs on an
+    # unsharded copy of the model on every rank, so a model whose fp32 copy exceeds a quarter of the device
+    # memory needs enabled = false (a ConfigError says so at start-up)
+    enabled: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -282,6 +290,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = "runs/tiny_cpu"  # metrics, traces, plots, the resolved config (and checkpoints by default)
 
     def __post_init__(self):

@@ -44,7 +44,8 @@ One run (every rank computes, rank 0 prints and writes the result files):
   6. at the end of every stage (and before the first step): ``evaluate_by_tag`` on the held-out set (greedy answer
      exact match, per tag and tag prefix), printed as a table with one column per evaluation, so forgetting of
      the general tasks between stages shows (tp / cp / pp: on an unsharded copy of the weights, gathered on every
-     rank). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
+     rank, so ``evaluation.enabled = false`` is needed when that copy cannot fit: a ConfigError at start-up says
+     so). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
      position, metrics history) every ``checkpoint.every`` steps and at the end; ``checkpoint.resume`` continues
      from one.
   7. outputs in ``output_dir``: ``config.json`` (resolved), ``metrics.json`` (per-step metrics, per-stage
@@ -67,12 +68,13 @@ import torch
 import torch.distributed as dist
 
 from mgpt_train import checkpoint, profiling
-from mgpt_train.build import (build_model, build_optimizer, build_pipelined, check_layout, init_distributed,
-                              load_data, make_encoder, run_device)
+from mgpt_train.build import (build_model, build_optimizer, build_pipelined, check_evaluation, check_layout,
+                              init_distributed, load_data, make_encoder, run_device)
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
 from mgpt_train.data import Curriculum, apply_trainable, evaluate_by_tag
 from mgpt_train.data.prefetch import Prefetcher
-from mgpt_train.export import export_checkpoint, run_tokenizer
+from mgpt_train.export import export_checkpoint, run_model_config, run_tokenizer
+from mgpt_train.initialization import device_memory
 from mgpt_train.model import Qwen3VLModel
 from mgpt_train.objective import StepLoss, global_label_tokens
 from mgpt_train.profiling import (RANGE_BACKWARD, RANGE_DATA, RANGE_LANGUAGE, RANGE_OPTIMIZER, RANGE_STEP,
@@ -203,6 +205,7 @@ class Trainer:
         self.share = self.split * self.dims.pp  # devices sharing one micro-batch's work
 
         self.tokenizer = run_tokenizer(cfg)
+        check_evaluation(cfg, run_model_config(cfg, self.tokenizer), self.dims, device_memory(self.device))
         self.pipeline = self.model = None
         if self.dims.pp > 1:
             self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.dims, self.mesh)
@@ -323,7 +326,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, name: str) -> None:
-        """Held-out exact match per tag, appended to ``self.evals`` and printed (collective: every rank runs it)."""
+        """Held-out exact match per tag, appended to ``self.evals`` and printed (collective: every rank runs it);
+        nothing with ``evaluation.enabled = false``."""
+        if not self.cfg.evaluation.enabled:
+            return
         longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
         budget = max(self.cfg.data.max_tokens, longest)
         if self.split > 1 or self.pipeline is not None:  # tp / cp / pp split the forward: use an unsharded copy
