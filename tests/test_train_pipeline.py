@@ -232,6 +232,11 @@ def _run_case(config, full, reference, steps, pp_mesh, schedule, virtual_stages)
         optimizer.step()
     for name, tensor in pipe.state_dict().items():
         result["weight_errors"][name] = _rel(tensor, reference[-1]["weights"][name])
+    # the held-out evaluation's forward-only pass (stage to stage, point to point) vs the trained reference model
+    trained = Qwen3VLModel(config)
+    trained.load_state_dict(reference[-1]["weights"])
+    with torch.no_grad():
+        result["greedy_equal"] = [torch.equal(pipe.greedy_tokens(mb), trained.greedy_tokens(mb)) for mb in steps[0]]
     return result
 
 
@@ -294,6 +299,7 @@ def test_pipeline_schedules_match_single_process_training(tmp_path):
         with torch.device("meta"):
             expected_names = set(Qwen3VLModel(config).state_dict())
         first, last = (results[rank]["cases"][case] for rank in range(WORLD))
+        assert first["greedy_equal"] == last["greedy_equal"] == [True] * N_MICROBATCHES, case
         assert first["loss_errors"] == [None, None], (case, first["loss_errors"])
         assert max(last["loss_errors"]) < TOL, (case, last["loss_errors"])
         names = [set(r["weight_errors"]) for r in (first, last)]
@@ -316,6 +322,7 @@ def test_pipeline_schedules_match_single_process_training(tmp_path):
         assert single["stages"] == [0, 1] and single["shared_tied"] and set(single["weight_errors"]) == dense_names
         assert max(single["loss_errors"]) < TOL and max(single["grad_errors"].values()) < TOL, single["loss_errors"]
         assert max(single["weight_errors"].values()) < TOL
+        assert single["greedy_equal"] == [True] * N_MICROBATCHES  # two local stages: activations handed over
     inits = [r["init"] for r in results]
     assert inits[0]["tied"] == inits[1]["tied"] > 0, inits  # embedding (rank 0) == its head copy (rank 1)
     for init in inits:

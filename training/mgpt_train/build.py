@@ -59,21 +59,6 @@ def check_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
                           "where it is torch.autocast); use float32")
 
 
-def check_evaluation(cfg: TrainConfig, model_config, dims: ParallelDims, device_bytes: int) -> None:
-    """ConfigError when the held-out evaluation is on and would not fit: under tp / cp / pp it gathers an unsharded
-    fp32 copy of the whole model on every rank (``Trainer.evaluate``); more than a quarter of ``device_bytes``
-    (the rule of ``model.init = "auto"``) is refused at start-up rather than failing after the first stage."""
-    if not cfg.evaluation.enabled or dims.tp * dims.cp * dims.pp == 1:
-        return
-    with torch.device("meta"):
-        copy_bytes = sum(p.numel() * 4 for p in Qwen3VLModel(model_config).parameters())
-    if copy_bytes > device_bytes / 4:
-        raise ConfigError(f"config key 'evaluation.enabled': the held-out evaluation under tp / cp / pp runs on an "
-                          f"unsharded fp32 copy of the model on every rank ({copy_bytes / 2**30:.1f} GiB), more "
-                          f"than a quarter of the device's {device_bytes / 2**30:.1f} GiB; set "
-                          f"--evaluation.enabled=false")
-
-
 def build_model(cfg: TrainConfig, tokenizer: ByteTokenizer, device: torch.device,
                 dims: ParallelDims | None = None, mesh=None) -> Qwen3VLModel:
     """The initial model of the run (module docstring, step 2), parallelized when ``dims`` spans several ranks."""

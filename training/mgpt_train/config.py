@@ -275,9 +275,8 @@ class ProfilingConfig:
 
 @dataclass
 class EvaluationConfig:
-    # held-out exact match per tag before training and after every stage; under tp / cp / pp it runs on an
-    # unsharded copy of the model on every rank, so a model whose fp32 copy exceeds a quarter of the device
-    # memory needs enabled = false (a ConfigError says so at start-up)
+    # held-out exact match per tag before training and after every stage (the sharded model's forward: no
+    # gathered copy); false skips it
     enabled: bool = True
 
 

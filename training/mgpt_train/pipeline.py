@@ -67,9 +67,9 @@ from mgpt_ops import fused_linear_logprobs
 from mgpt_train.model.config import Qwen3VLConfig
 from mgpt_train.model.language import TextAttention, mrope_cos_sin
 from mgpt_train.model.moe import RouterStats, load_balancing_loss
-from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, init_module_weights
+from mgpt_train.model.qwen3_vl import IGNORE_INDEX, Qwen3VLModel, greedy_at_labels, init_module_weights
 from mgpt_train.parallel import make_cp_attention_fn
-from mgpt_train.parallelize import DecoderTokenLayout, idle_vision, sequence_piece, whole_sequence
+from mgpt_train.parallelize import DecoderTokenLayout, idle_vision, reshard_all, sequence_piece, whole_sequence
 from mgpt_train.pipeline_plan import (SCHEDULE_NAMES, PaddedMicroBatch, StagePlan, check_schedule, pad_microbatch,
                                       plan_stages)
 
@@ -127,6 +127,7 @@ class PipelineStageModule(nn.Module):
         self.moe_layers = sum(full.config.text.is_moe_layer(i) for i in range(full.config.text.num_hidden_layers))
         self.microbatches: list[PaddedMicroBatch] = []  # set by Pipeline.step for the duration of a step
         self.aux_terms: list[torch.Tensor] = []  # the last stage's MoE aux terms of the step (detached, for logs)
+        self.predicting = False  # Pipeline.greedy_tokens: the last stage returns argmax tokens, no aux loss
         self.tokens = DecoderTokenLayout(None, None)  # Pipeline.shard_tokens: cp shards, tp sequence pieces
         # Set by parallelize_pipeline under FSDP: the vision tower runs on every micro-batch (idle_vision).
         self.vision_every_microbatch = False
@@ -188,9 +189,13 @@ class PipelineStageModule(nn.Module):
                 # Zeros outside the image rows: the same sum as the model's index_add at those rows.
                 hidden = hidden + self._piece(pending[index - plan.layers.start])  # from this stage's first layer
         if plan.is_last:
+            hidden = self._whole(self.language_model.norm(hidden))
+            if self.predicting:
+                return greedy_at_labels(hidden, _local(self.lm_head.weight), tokens.cp_shard(mb.labels, 0),
+                                        tokens.tp_group)
             if plan.moe and self.moe_layers:
                 hidden = _AttachAuxLoss.apply(hidden, self._aux_term(running))
-            return self._logprobs(self._whole(self.language_model.norm(hidden)), mb)
+            return self._logprobs(hidden, mb)
         outputs = [self._whole(hidden)]  # a tensor identical on the tp ranks crosses the stage boundary
         if plan.pending_out:
             outputs.append(pending[len(plan.layers):])
@@ -400,6 +405,12 @@ class Pipeline:
             else:
                 dist.recv(weight, self._tied_peer, group=self.pp_group)
 
+    def greedy_tokens(self, batch: dict) -> torch.Tensor:
+        """The argmax token [T] at every labelled position of one packed batch (at most ``seq_len`` tokens), -1
+        elsewhere, on every pp rank: the held-out evaluation, forward only, each rank holding its stages' weights
+        only. Collective over the pp (and cp / tp) groups."""
+        return _greedy_pass(self, batch)
+
     def set_attention_fn(self, fn) -> None:
         """Install ``fn(q, k, v, cu_seqlens, info)`` in every decoder layer of this rank's stages."""
         for module in self.stage_modules:
@@ -470,6 +481,48 @@ class Pipeline:
         terms = [term for module in self.stage_modules for term in module.aux_terms]
         self.last_aux = torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
         return torch.stack(losses).sum().detach() / self.data_parallel_ranks
+
+
+@torch.no_grad()
+def _greedy_pass(pipe: "Pipeline", batch: dict) -> torch.Tensor:
+    """``Pipeline.greedy_tokens``: one forward of ``batch`` through the stages in stage order, activations sent
+    point to point to the rank of the next stage (no schedule, no backward); the last stage's argmax tokens
+    gathered over cp and broadcast over pp."""
+    mb = pad_microbatch(batch, pipe.config, pipe.seq_len, pipe.device, pipe.pad_token_id)
+    local_len = pipe.seq_len // pipe.tokens.cp_size
+    predicted = None
+    for module in pipe.stage_modules:
+        module.microbatches, module.predicting = [mb], True
+    try:
+        outputs: tuple[torch.Tensor, ...] = ()
+        for plan, module in zip(pipe.plans, pipe.stage_modules):
+            inputs, _ = _activation_metas(plan, local_len, pipe.config, pipe.activation_dtype, input_len=pipe.seq_len)
+            previous = (plan.index - 1) % pipe.pp_size
+            if plan.is_first:
+                inputs = (mb.input_ids[None],)
+            elif previous == plan.rank:  # the previous stage ran on this rank (pp = 1 with several stages)
+                inputs = outputs
+            else:
+                inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=pipe.device) for x in inputs)
+                for x in inputs:
+                    dist.recv(x, group=pipe.pp_group, group_src=previous)
+            out = module(*inputs, microbatch=torch.zeros(1, dtype=torch.int64))
+            outputs = out if isinstance(out, tuple) else (out,)
+            following = (plan.index + 1) % pipe.pp_size
+            if plan.is_last:
+                predicted = pipe.tokens.gather_cp(outputs[0])
+            elif following != plan.rank:
+                for x in outputs:
+                    dist.send(x.contiguous(), group=pipe.pp_group, group_dst=following)
+    finally:
+        for module in pipe.stage_modules:
+            module.microbatches, module.predicting = [], False
+            reshard_all(module)
+    if predicted is None:
+        predicted = torch.empty(pipe.seq_len, dtype=torch.int64, device=pipe.device)
+    last_rank = pipe.plans[0].num_stages - 1
+    dist.broadcast(predicted, group=pipe.pp_group, group_src=last_rank % pipe.pp_size)
+    return predicted[:batch["input_ids"].shape[0]]
 
 
 def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,

@@ -43,9 +43,9 @@ One run (every rank computes, rank 0 prints and writes the result files):
      torch.profiler trace.
   6. at the end of every stage (and before the first step): ``evaluate_by_tag`` on the held-out set (greedy answer
      exact match, per tag and tag prefix), printed as a table with one column per evaluation, so forgetting of
-     the general tasks between stages shows (tp / cp / pp: on an unsharded copy of the weights, gathered on every
-     rank, so ``evaluation.enabled = false`` is needed when that copy cannot fit: a ConfigError at start-up says
-     so). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
+     the general tasks between stages shows (``greedy_tokens`` of the model, sharded like training under tp / cp,
+     forward only through the pipeline stages under pp: the whole model is never gathered on one rank;
+     ``evaluation.enabled = false`` skips it). Checkpoints (``mgpt_train.checkpoint``: model, optimizer, curriculum
      position, metrics history) every ``checkpoint.every`` steps and at the end; ``checkpoint.resume`` continues
      from one.
   7. outputs in ``output_dir``: ``config.json`` (resolved), ``metrics.json`` (per-step metrics, per-stage
@@ -68,14 +68,12 @@ import torch
 import torch.distributed as dist
 
 from mgpt_train import checkpoint, profiling
-from mgpt_train.build import (build_model, build_optimizer, build_pipelined, check_evaluation, check_layout,
-                              init_distributed, load_data, make_encoder, run_device)
+from mgpt_train.build import (build_model, build_optimizer, build_pipelined, check_layout, init_distributed,
+                              load_data, make_encoder, run_device)
 from mgpt_train.config import ConfigError, TrainConfig, config_from_argv
 from mgpt_train.data import Curriculum, apply_trainable, evaluate_by_tag
 from mgpt_train.data.prefetch import Prefetcher
-from mgpt_train.export import export_checkpoint, run_model_config, run_tokenizer
-from mgpt_train.initialization import device_memory
-from mgpt_train.model import Qwen3VLModel
+from mgpt_train.export import export_checkpoint, run_tokenizer
 from mgpt_train.objective import StepLoss, global_label_tokens
 from mgpt_train.profiling import (RANGE_BACKWARD, RANGE_DATA, RANGE_LANGUAGE, RANGE_OPTIMIZER, RANGE_STEP,
                                   RANGE_VISION, nvtx_range)
@@ -205,7 +203,6 @@ class Trainer:
         self.share = self.split * self.dims.pp  # devices sharing one micro-batch's work
 
         self.tokenizer = run_tokenizer(cfg)
-        check_evaluation(cfg, run_model_config(cfg, self.tokenizer), self.dims, device_memory(self.device))
         self.pipeline = self.model = None
         if self.dims.pp > 1:
             self.pipeline = build_pipelined(cfg, self.tokenizer, self.device, self.dims, self.mesh)
@@ -221,6 +218,12 @@ class Trainer:
             self.parts, self.model_config, self.pp_group, self.norm_skip = [self.model], self.model.config, None, ()
         self.encoder = make_encoder(cfg, self.model_config, self.tokenizer)
         train, self.heldout = load_data(cfg)
+        if self.pipeline is not None and cfg.evaluation.enabled:
+            longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
+            if longest > self.pipeline.seq_len:
+                raise ConfigError(f"config key 'evaluation.enabled': a held-out sample has {longest} tokens, more than "
+                                  f"the pipeline's seq_len {self.pipeline.seq_len} (the largest stage max_tokens); "
+                                  f"raise data.max_tokens or set --evaluation.enabled=false")
         self.curriculum = Curriculum(cfg.curriculum_stages(), train, self.encoder, seed=cfg.data.seed,
                                      dp_rank=dp_rank, dp_size=dp_size, micro_batches=cfg.data.grad_accum)
         self.optimizers = [build_optimizer(part, cfg, self.device) for part in self.parts]
@@ -330,49 +333,29 @@ class Trainer:
         nothing with ``evaluation.enabled = false``."""
         if not self.cfg.evaluation.enabled:
             return
-        longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
-        budget = max(self.cfg.data.max_tokens, longest)
-        if self.split > 1 or self.pipeline is not None:  # tp / cp / pp split the forward: use an unsharded copy
-            copy = self._unsharded_copy()
-            accuracy = evaluate_by_tag(lambda b: copy.logits(self.to_device(b)).argmax(-1), self.heldout,
-                                       self.encoder, budget)
+        if self.pipeline is not None:  # forward only through the stages; the batches fit seq_len (checked)
+            accuracy = evaluate_by_tag(self.pipeline.greedy_tokens, self.heldout, self.encoder, self.pipeline.seq_len)
         else:
-            # Through model.__call__ so FSDP's root hooks gather the root's parameters; forward = logits meanwhile.
+            longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
+            # Through model.__call__ so FSDP's root hooks gather the root's parameters; forward = greedy_tokens
+            # meanwhile (parallelize's sharded one under tp / cp: the batch is padded like a training batch).
             training_forward = self.model.__dict__.get("forward")  # parallelize's loss forward, if installed
-            self.model.forward = self.model.logits
+            self.model.forward = self.model.greedy_tokens
             try:
-                accuracy = evaluate_by_tag(lambda b: self.model(self.prepare(b)).argmax(-1), self.heldout,
-                                           self.encoder, budget)
+                accuracy = evaluate_by_tag(lambda b: self.model(self.prepare(b))[:b["input_ids"].shape[0]],
+                                           self.heldout, self.encoder, max(self.cfg.data.max_tokens, longest))
             finally:
                 if training_forward is None:
                     del self.model.forward
                 else:
                     self.model.forward = training_forward
-            if hasattr(self.model, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward
-                self.model.reshard()
+            from mgpt_train.parallelize import reshard_all
+
+            reshard_all(self.model)
         self.evals.append({"name": name, "step": self.step, "accuracy": accuracy})
         shown = ", ".join(f"{tag} {100 * accuracy[tag]:.1f}%" for tag in ("all", "general", "vertical")
                           if tag in accuracy)
         self.log(f"held-out exact match after {name} (step {self.step}): {shown}")
-
-    def _unsharded_copy(self) -> Qwen3VLModel:
-        """A plain model with the current weights on every rank (the full state dict is gathered collectively:
-        over the FSDP / TP groups of each part, then, for pipeline stages, over the pp ranks)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = {}
-        for part in self.parts:
-            state.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))
-        if self.pipeline is not None:
-            stages = [None] * self.dims.pp
-            dist.all_gather_object(stages, {k: v.cpu() for k, v in state.items()}, group=self.pp_group)
-            state = {k: v for stage in stages for k, v in stage.items()}
-        with torch.device("meta"):
-            copy = Qwen3VLModel(self.model_config)
-        copy.to_empty(device=self.device)
-        copy.load_state_dict(state)
-        copy.tie_weights()
-        return copy
 
     def save(self) -> None:
         data_state = self.data_state if self.data_state is not None else self.curriculum.state_dict()

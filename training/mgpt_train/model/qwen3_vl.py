@@ -21,6 +21,7 @@ Attention of the decoder goes through one replaceable function: ``set_attention_
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mgpt_ops import fused_linear_logprobs
@@ -59,6 +60,35 @@ def check_batch(batch: dict, config: Qwen3VLConfig) -> None:
         if grid is None or grid.dim() != 2 or grid.shape[1] != 3 or int(grid.prod(-1).sum()) != pixels.shape[0]:
             raise ValueError(f"Qwen3VLModel: batch['image_grid_thw'] must be [N, 3] with sum(t*h*w) = P = "
                              f"{pixels.shape[0]}, got {None if grid is None else grid.tolist()}")
+
+
+def greedy_at_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group=None,
+                     rows_per_chunk: int = 1024) -> torch.Tensor:
+    """argmax over the vocabulary of ``hidden[i] @ weight.T`` at the rows with a label, -1 at the others (int64
+    [T]). ``tp_group``: ``weight`` is this rank's contiguous vocabulary shard (rank order = vocabulary order,
+    shards may be uneven); the ranks' maxima are compared and ties go to the lowest token id, as ``argmax`` over
+    the whole vocabulary does. Logits are made ``rows_per_chunk`` rows at a time."""
+    out = labels.new_full(labels.shape, -1)
+    rows = torch.nonzero(labels != IGNORE_INDEX).flatten()
+    offset = 0
+    if tp_group is not None:
+        sizes = [torch.zeros((), dtype=torch.int64, device=weight.device) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(sizes, torch.tensor(weight.shape[0], device=weight.device), group=tp_group)
+        offset = int(sum(sizes[:dist.get_rank(tp_group)]))
+    weight = weight.float()  # fp32 logits as the loss has them (a no-op for fp32 weights)
+    for chunk in rows.split(rows_per_chunk):
+        values, tokens = (hidden[chunk].float() @ weight.T).max(-1)
+        tokens = tokens + offset
+        if tp_group is not None:
+            world = dist.get_world_size(tp_group)
+            all_values = [torch.empty_like(values) for _ in range(world)]
+            all_tokens = [torch.empty_like(tokens) for _ in range(world)]
+            dist.all_gather(all_values, values.contiguous(), group=tp_group)
+            dist.all_gather(all_tokens, tokens.contiguous(), group=tp_group)
+            best = torch.stack(all_values).argmax(0)  # the first maximum: the lowest vocabulary shard
+            tokens = torch.stack(all_tokens).gather(0, best[None])[0]
+        out[chunk] = tokens
+    return out
 
 
 def padding_row_mask(batch: dict, config: Qwen3VLConfig) -> torch.Tensor | None:
@@ -158,6 +188,12 @@ class Qwen3VLModel(nn.Module):
         aux_term = self.config.text.router_aux_loss_coef * aux if self.config.is_moe else torch.zeros_like(loss_sum)
         return {"loss": loss_sum / max(rows.shape[0], 1) + aux_term, "n_tokens": n_tokens, "aux_loss": aux,
                 "loss_sum": loss_sum, "aux_term": aux_term}
+
+    def greedy_tokens(self, batch: dict) -> torch.Tensor:
+        """The argmax token [T] at every labelled position, -1 elsewhere (the held-out evaluation's teacher-forced
+        greedy answer; the head runs on labelled rows only, never [T, V] logits)."""
+        hidden, _ = self.hidden_states(batch)
+        return greedy_at_labels(hidden, self.lm_head.weight, batch["labels"])
 
     def logits(self, batch: dict) -> torch.Tensor:
         """Full logits [T, V] (materialised: tests and evaluation only)."""
