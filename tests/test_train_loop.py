@@ -222,8 +222,8 @@ def reference_steps(cfg, world: int) -> tuple[list[tuple[float, float]], dict[st
 
 
 # ranks, and the data-parallel ranks whose micro-batches make one step; pp: the step's micro-batch split into 3
-# (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation on
-# an unsharded copy;
+# (some empty), decoder layers compiled; tp: DTensor gradients of several placements in the norm, evaluation with
+# the vocabulary-parallel argmax;
 # pp x dp_shard: the loss normalised over both data ranks' label tokens, the norm over FSDP shards and stages;
 # pp x cp: context shards between stages, the cp ranks' label tokens counted once, FSDP over the cp ranks;
 # MoE dp x tp x ep: the aux loss's mean over data ranks, MoE gradients summed over tp, norms of expert shards;
@@ -263,7 +263,7 @@ def test_torchrun_matches_single_process(tmp_path, world, layout, data_ranks):
     assert min(norm for _, norm in reference) > 0.5  # clipping was active on every step
     assert steps[-1][0] < steps[0][0]
     evaluated = [e["name"] for e in saved["evals"]]
-    assert evaluated == ["initial", "stage0", "stage1"]  # every layout evaluates (tp / cp / pp: unsharded copy)
+    assert evaluated == ["initial", "stage0", "stage1"]  # every layout evaluates (tp / cp / pp: sharded)
     assert saved["evals"][-1]["accuracy"] == final_accuracy  # of the same weights as one process's
     assert "Slicing a flattened dim" not in run.stderr
 
