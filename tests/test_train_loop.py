@@ -430,7 +430,8 @@ def test_evaluation_can_be_switched_off_and_must_fit_the_pipeline(tmp_path, caps
                          timeout=300)
     assert run.returncode != 0
     assert re.search(r"config key 'evaluation.enabled': a held-out sample has \d+ tokens, more than the pipeline's "
-                     r"seq_len 128 \(the largest stage max_tokens\); raise data.max_tokens", run.stderr), run.stderr[-2000:]
+                     r"seq_len 128 \(the largest stage max_tokens\); raise data.max_tokens", run.stderr), \
+        run.stderr[-2000:]
 
 
 def test_compiled_decoder_layers_train_like_eager(tmp_path):

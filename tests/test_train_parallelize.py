@@ -16,21 +16,22 @@ Under cp / tp the ranks sharing a batch split its 3 images (checked on the first
 cp x tp = 4 one rank runs a blank block), and the vision gradients are complete after the FSDP reduction.
 Layouts: 2 ranks -- dp_shard=2 (+ activation checkpointing), tp=2, cp=2, ep=2 (MoE, dp_shard=2, + activation
 checkpointing: the all-to-alls run again in the recomputation), tp=2 with MoE (each tp rank routes its sequence
-piece -- checked on every MoE block's input rows -- and FSDP over the tp ranks sums the MoE gradients), bf16 mixed precision as a smoke test (loss within
-5e-2), and the meta-device flow (parallelize, to_empty, init_weights, one step); 4 ranks -- dp_replicate=2 x
-dp_shard=2 (HSDP), cp=2 x tp=2 (untied head, uneven vocabulary shards), dp_shard=2 x cp=2 x ep=2 (MoE: router
-statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x tp=2 x ep=2 and dp_shard=2 x tp=2 (MoE
-on sequence pieces; the first also in bf16 mixed precision, loss within 5e-2), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
-rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation checkpointing; tied head, its
-copy on the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x
-tp=2 (untied head with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage
-exchanges gradient shards with the embedding; DeepStack taps crossing the stage boundary; MoE), and pp=2 x dp_shard=2 x
-ep=2 (MoE layers on both stages: the exact aux loss from router statistics passed between the stages,
-experts split over the data ranks; the logged loss is the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context shards crossing
-the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp on the last
-stage); 8 ranks -- pp=2 x cp=2 x tp=2 x ep=2 and dp_shard=2 x pp=2 x cp=2 x ep=2; 16 ranks -- all five
-at once, dp_shard=2 x pp=2 x cp=2 x tp=2 with ep=2 folded into dp_shard x cp. Bad configurations raise clear
-errors. One spawn per world size runs all its layouts.
+piece -- checked on every MoE block's input rows -- and FSDP over the tp ranks sums the MoE gradients), bf16 mixed
+precision as a smoke test (loss within 5e-2), and the meta-device flow (parallelize, to_empty, init_weights, one
+step); 4 ranks -- dp_replicate=2 x dp_shard=2 (HSDP), cp=2 x tp=2 (untied head, uneven vocabulary shards),
+dp_shard=2 x cp=2 x ep=2 (MoE: router statistics summed over cp, experts FSDP-sharded over 2 ranks), dp_shard=2 x
+tp=2 x ep=2 and dp_shard=2 x tp=2 (MoE on sequence pieces; the first also in bf16 mixed precision, loss within
+5e-2), and pipeline parallelism composed by ``parallelize_pipeline`` (2 steps, 2 pipeline micro-batches per data
+rank, 1F1B; the second micro-batch text only): pp=2 x dp_shard=2 (+ activation checkpointing; tied head, its copy on
+the last stage; one data rank's micro-batch without images while the other's has some) and pp=2 x tp=2 (untied head
+with uneven vocabulary shards; tied head, whose vocabulary-sharded copy on the last stage exchanges gradient shards
+with the embedding; DeepStack taps crossing the stage boundary; MoE), and pp=2 x dp_shard=2 x ep=2 (MoE layers on
+both stages: the exact aux loss from router statistics passed between the stages, experts split over the data ranks;
+the logged loss is the cross-entropy, as a pipeline returns it), pp=2 x cp=2 (+ activation checkpointing; context
+shards crossing the stage boundary, FSDP over the cp ranks) and pp=2 x cp=2 x ep=2 (router statistics summed over cp
+on the last stage); 8 ranks -- pp=2 x cp=2 x tp=2 x ep=2 and dp_shard=2 x pp=2 x cp=2 x ep=2; 16 ranks -- all five
+at once, dp_shard=2 x pp=2 x cp=2 x tp=2 with ep=2 folded into dp_shard x cp. Bad configurations raise clear errors.
+One spawn per world size runs all its layouts.
 """
 
 import dataclasses
@@ -316,8 +317,10 @@ def bad_configs(world: int) -> dict[str, str]:
         model(unpadded_batch(dense, seed=1))  # 43 tokens
 
     return {
-        "heads": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(three_heads), tp_dims, tp_dims.build_mesh("cpu"))),
-        "experts": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(five_experts), ep_dims, ep_dims.build_mesh("cpu"))),
+        "heads": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(three_heads), tp_dims,
+                                                            tp_dims.build_mesh("cpu"))),
+        "experts": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(five_experts), ep_dims,
+                                                              ep_dims.build_mesh("cpu"))),
         "precision": error_message(lambda: parallelize_qwen3_vl(Qwen3VLModel(dense), tp_dims, tp_dims.build_mesh("cpu"),
                                                          mixed_precision="fp16")),
         "odd_length": error_message(odd_length),

@@ -135,7 +135,8 @@ def parallelize_qwen3_vl(model: Qwen3VLModel, parallel_dims: ParallelDims, mesh:
 def parallelize_pipeline(pipe: Pipeline, parallel_dims: ParallelDims, mesh: ParallelMesh, *,
                          mixed_precision: str = "bf16", activation_checkpointing: bool = False) -> Pipeline:
     """Parallelize ``pipe`` in place and return it: the token layout of steps 1 and 2 of ``parallelize_qwen3_vl``
-    (``Pipeline.shard_tokens``), then steps 1, 3, 4 and 5 on every stage module, in that order; then load the weights with ``pipe.load_full_state_dict`` (or ``pipe.init_weights``).
+    (``Pipeline.shard_tokens``), then steps 1, 3, 4 and 5 on every stage module, in that order; then load the
+    weights with ``pipe.load_full_state_dict`` (or ``pipe.init_weights``).
     ``pipe`` = ``build_pipeline(config, mesh["pp"], ..., materialize=False)`` on every rank, with
     ``activation_dtype=torch.bfloat16`` under bf16 mixed precision (the dtype that flows between stages).
 

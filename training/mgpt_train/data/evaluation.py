@@ -1,10 +1,11 @@
 """Held-out accuracy per tag: exact match of the greedy answer.
 
 ``predict_fn(batch) -> int64 [T]`` is supplied by the trainer: the argmax token at every position of the packed
-batch (teacher forcing, e.g. ``model.logits(batch).argmax(-1)``). A sample counts as correct when the argmax
-equals the label at every answer position. That is the same as exact match of free greedy decoding: if every
-teacher-forced argmax equals the target, greedy decoding reproduces the answer (and its ``<|im_end|>``) token by
-token, and the first mismatch makes greedy decoding differ - so one forward pass per batch suffices.
+batch (teacher forcing: ``model.greedy_tokens(batch)``, or ``model.logits(batch).argmax(-1)``; only the answer
+positions are read). A sample counts as correct when the argmax equals the label at every answer position. That is
+the same as exact match of free greedy decoding: if every teacher-forced argmax equals the target, greedy decoding
+reproduces the answer (and its ``<|im_end|>``) token by token, and the first mismatch makes greedy decoding differ -
+so one forward pass per batch suffices.
 """
 
 from __future__ import annotations

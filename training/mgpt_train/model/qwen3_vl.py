@@ -1,7 +1,8 @@
 """``Qwen3VLModel``: the vision tower, the text decoder and the head, on a packed batch.
 
     model(batch)        -> {"loss", "n_tokens", "aux_loss", "loss_sum", "aux_term"}   (training; never [T, V])
-    model.logits(batch) -> [T, V]                              (tests and evaluation only)
+    model.greedy_tokens(batch) -> [T]                          (argmax at labelled rows: the evaluation)
+    model.logits(batch) -> [T, V]                              (tests only)
     model.hidden_states(batch) -> (hidden [T, H], aux_loss)    (for callers with their own head / loss)
 
 The batch (see the train interfaces): ``input_ids`` [T], ``labels`` [T] (already shifted, -100 = no loss),
@@ -72,7 +73,8 @@ def greedy_at_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     rows = torch.nonzero(labels != IGNORE_INDEX).flatten()
     offset = 0
     if tp_group is not None:
-        sizes = [torch.zeros((), dtype=torch.int64, device=weight.device) for _ in range(dist.get_world_size(tp_group))]
+        world = dist.get_world_size(tp_group)
+        sizes = [torch.zeros((), dtype=torch.int64, device=weight.device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor(weight.shape[0], device=weight.device), group=tp_group)
         offset = int(sum(sizes[:dist.get_rank(tp_group)]))
     weight = weight.float()  # fp32 logits as the loss has them (a no-op for fp32 weights)
@@ -80,7 +82,6 @@ def greedy_at_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         values, tokens = (hidden[chunk].float() @ weight.T).max(-1)
         tokens = tokens + offset
         if tp_group is not None:
-            world = dist.get_world_size(tp_group)
             all_values = [torch.empty_like(values) for _ in range(world)]
             all_tokens = [torch.empty_like(tokens) for _ in range(world)]
             dist.all_gather(all_values, values.contiguous(), group=tp_group)
@@ -196,6 +197,6 @@ class Qwen3VLModel(nn.Module):
         return greedy_at_labels(hidden, self.lm_head.weight, batch["labels"])
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """Full logits [T, V] (materialised: tests and evaluation only)."""
+        """Full logits [T, V] (materialised: tests only)."""
         hidden, _ = self.hidden_states(batch)
         return self.lm_head(hidden)
