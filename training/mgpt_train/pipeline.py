@@ -405,11 +405,49 @@ class Pipeline:
             else:
                 dist.recv(weight, self._tied_peer, group=self.pp_group)
 
+    @torch.no_grad()
     def greedy_tokens(self, batch: dict) -> torch.Tensor:
         """The argmax token [T] at every labelled position of one packed batch (at most ``seq_len`` tokens), -1
-        elsewhere, on every pp rank: the held-out evaluation, forward only, each rank holding its stages' weights
-        only. Collective over the pp (and cp / tp) groups."""
-        return _greedy_pass(self, batch)
+        elsewhere, on every pp rank: the held-out evaluation. One forward through the stages in stage order, the
+        activations sent point to point to the rank of the next stage (no schedule, no backward), each rank holding
+        its stages' weights only; the last stage's tokens gathered over cp and broadcast over pp. Collective over
+        the pp (and cp / tp) groups."""
+        mb = pad_microbatch(batch, self.config, self.seq_len, self.device, self.pad_token_id)
+        local_len = self.seq_len // self.tokens.cp_size
+        predicted = None
+        for module in self.stage_modules:
+            module.microbatches, module.predicting = [mb], True
+        try:
+            outputs: tuple[torch.Tensor, ...] = ()
+            for plan, module in zip(self.plans, self.stage_modules):
+                inputs, _ = _activation_metas(plan, local_len, self.config, self.activation_dtype,
+                                              input_len=self.seq_len)
+                previous = (plan.index - 1) % self.pp_size
+                if plan.is_first:
+                    inputs = (mb.input_ids[None],)
+                elif previous == plan.rank:  # the previous stage ran on this rank (pp = 1 with several stages)
+                    inputs = outputs
+                else:
+                    inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=self.device) for x in inputs)
+                    for x in inputs:
+                        dist.recv(x, group=self.pp_group, group_src=previous)
+                out = module(*inputs, microbatch=torch.zeros(1, dtype=torch.int64))
+                outputs = out if isinstance(out, tuple) else (out,)
+                following = (plan.index + 1) % self.pp_size
+                if plan.is_last:
+                    predicted = self.tokens.gather_cp(outputs[0])
+                elif following != plan.rank:
+                    for x in outputs:
+                        dist.send(x.contiguous(), group=self.pp_group, group_dst=following)
+        finally:
+            for module in self.stage_modules:
+                module.microbatches, module.predicting = [], False
+                reshard_all(module)
+        if predicted is None:
+            predicted = torch.empty(self.seq_len, dtype=torch.int64, device=self.device)
+        last_stage = self.plans[0].num_stages - 1
+        dist.broadcast(predicted, group=self.pp_group, group_src=last_stage % self.pp_size)
+        return predicted[:batch["input_ids"].shape[0]]
 
     def set_attention_fn(self, fn) -> None:
         """Install ``fn(q, k, v, cu_seqlens, info)`` in every decoder layer of this rank's stages."""
@@ -481,48 +519,6 @@ class Pipeline:
         terms = [term for module in self.stage_modules for term in module.aux_terms]
         self.last_aux = torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
         return torch.stack(losses).sum().detach() / self.data_parallel_ranks
-
-
-@torch.no_grad()
-def _greedy_pass(pipe: "Pipeline", batch: dict) -> torch.Tensor:
-    """``Pipeline.greedy_tokens``: one forward of ``batch`` through the stages in stage order, activations sent
-    point to point to the rank of the next stage (no schedule, no backward); the last stage's argmax tokens
-    gathered over cp and broadcast over pp."""
-    mb = pad_microbatch(batch, pipe.config, pipe.seq_len, pipe.device, pipe.pad_token_id)
-    local_len = pipe.seq_len // pipe.tokens.cp_size
-    predicted = None
-    for module in pipe.stage_modules:
-        module.microbatches, module.predicting = [mb], True
-    try:
-        outputs: tuple[torch.Tensor, ...] = ()
-        for plan, module in zip(pipe.plans, pipe.stage_modules):
-            inputs, _ = _activation_metas(plan, local_len, pipe.config, pipe.activation_dtype, input_len=pipe.seq_len)
-            previous = (plan.index - 1) % pipe.pp_size
-            if plan.is_first:
-                inputs = (mb.input_ids[None],)
-            elif previous == plan.rank:  # the previous stage ran on this rank (pp = 1 with several stages)
-                inputs = outputs
-            else:
-                inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=pipe.device) for x in inputs)
-                for x in inputs:
-                    dist.recv(x, group=pipe.pp_group, group_src=previous)
-            out = module(*inputs, microbatch=torch.zeros(1, dtype=torch.int64))
-            outputs = out if isinstance(out, tuple) else (out,)
-            following = (plan.index + 1) % pipe.pp_size
-            if plan.is_last:
-                predicted = pipe.tokens.gather_cp(outputs[0])
-            elif following != plan.rank:
-                for x in outputs:
-                    dist.send(x.contiguous(), group=pipe.pp_group, group_dst=following)
-    finally:
-        for module in pipe.stage_modules:
-            module.microbatches, module.predicting = [], False
-            reshard_all(module)
-    if predicted is None:
-        predicted = torch.empty(pipe.seq_len, dtype=torch.int64, device=pipe.device)
-    last_rank = pipe.plans[0].num_stages - 1
-    dist.broadcast(predicted, group=pipe.pp_group, group_src=last_rank % pipe.pp_size)
-    return predicted[:batch["input_ids"].shape[0]]
 
 
 def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,
