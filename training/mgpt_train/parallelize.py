@@ -22,7 +22,9 @@ Where the tokens live (T = packed tokens of one micro-batch, the batch layout of
       the tp group (vocabulary parallelism), returning sums instead of a mean:
           {"loss_sum": -sum log p over this rank's label tokens, "n_tokens": their count, "aux_loss",
            "aux_term": router_aux_loss_coef * aux_loss (0 for dense), "loss": loss_sum / n_tokens + aux_term}
-      ``model.logits`` (tests / evaluation) is not parallelized: call it on an unparallelized model.
+      ``model.greedy_tokens`` (the evaluation) is replaced likewise: the argmax over the vocabulary-parallel head at
+      this rank's labelled rows, gathered over cp. ``model.logits`` (tests) is not parallelized: call it on an
+      unparallelized model.
 Packed lengths must be divisible by 2*cp and T/cp by tp: pad with ``pad_packed_batch`` (a separate sample of
 label -100 tokens) or get a ValueError naming the sizes.
 
