@@ -138,11 +138,11 @@ def pad_microbatch(batch: dict, config: Qwen3VLConfig, seq_len: int, device, pad
     pixels = pixels.to(device) if pixels is not None and pixels.shape[0] else None
     positions = mrope_position_ids(input_ids, cu_seqlens, grid, config.image_token_id,
                                    config.vision.spatial_merge_size)
-    cu_seqlens = cu_seqlens.to(device)
+    cu_seqlens, device_ids = cu_seqlens.to(device), input_ids.to(device)
     return PaddedMicroBatch(
-        input_ids=input_ids.to(device), labels=labels.to(device), cu_seqlens=cu_seqlens,
+        input_ids=device_ids, labels=labels.to(device), cu_seqlens=cu_seqlens,
         position_ids=positions.to(device), info=AttentionInfo.from_cu_seqlens(cu_seqlens),
         label_rows=torch.nonzero(labels != IGNORE_INDEX).flatten().to(device),
         image_rows=torch.nonzero(input_ids == config.image_token_id).flatten().to(device),
         pixel_values=pixels, image_grid_thw=grid, tokens=real,
-        row_mask=padding_row_mask({"input_ids": input_ids.to(device), "pad_tokens": seq_len - real}, config))
+        row_mask=padding_row_mask({"input_ids": device_ids, "pad_tokens": seq_len - real}, config))

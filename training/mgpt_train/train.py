@@ -218,12 +218,12 @@ class Trainer:
             self.parts, self.model_config, self.pp_group, self.norm_skip = [self.model], self.model.config, None, ()
         self.encoder = make_encoder(cfg, self.model_config, self.tokenizer)
         train, self.heldout = load_data(cfg)
-        if self.pipeline is not None and cfg.evaluation.enabled:
-            longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
-            if longest > self.pipeline.seq_len:
-                raise ConfigError(f"config key 'evaluation.enabled': a held-out sample has {longest} tokens, more than "
-                                  f"the pipeline's seq_len {self.pipeline.seq_len} (the largest stage max_tokens); "
-                                  f"raise data.max_tokens or set --evaluation.enabled=false")
+        # the longest held-out sample, counted once (counting may open the images of JSONL samples)
+        self.heldout_longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
+        if self.pipeline is not None and cfg.evaluation.enabled and self.heldout_longest > self.pipeline.seq_len:
+            raise ConfigError(f"config key 'evaluation.enabled': a held-out sample has {self.heldout_longest} tokens, "
+                              f"more than the pipeline's seq_len {self.pipeline.seq_len} (the largest stage "
+                              f"max_tokens); raise data.max_tokens or set --evaluation.enabled=false")
         self.curriculum = Curriculum(cfg.curriculum_stages(), train, self.encoder, seed=cfg.data.seed,
                                      dp_rank=dp_rank, dp_size=dp_size, micro_batches=cfg.data.grad_accum)
         self.optimizers = [build_optimizer(part, cfg, self.device) for part in self.parts]
@@ -285,7 +285,8 @@ class Trainer:
             return self._pipeline_step(batches, int(tokens))
         objective = StepLoss(batches, self.loss_group, self.dims.cp, self.device)
         for index, batch in enumerate(batches):
-            self._replica_all_reduce(index == len(batches) - 1)
+            if len(batches) > 1:  # FSDP2's default all-reduces every backward; the step's last one is left so
+                self._replica_all_reduce(index == len(batches) - 1)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch)
             with nvtx_range(RANGE_BACKWARD):
@@ -336,14 +337,14 @@ class Trainer:
         if self.pipeline is not None:  # forward only through the stages; the batches fit seq_len (checked)
             accuracy = evaluate_by_tag(self.pipeline.greedy_tokens, self.heldout, self.encoder, self.pipeline.seq_len)
         else:
-            longest = max(self.encoder.num_tokens(sample) for sample in self.heldout)
             # Through model.__call__ so FSDP's root hooks gather the root's parameters; forward = greedy_tokens
             # meanwhile (parallelize's sharded one under tp / cp: the batch is padded like a training batch).
             training_forward = self.model.__dict__.get("forward")  # parallelize's loss forward, if installed
             self.model.forward = self.model.greedy_tokens
             try:
                 accuracy = evaluate_by_tag(lambda b: self.model(self.prepare(b))[:b["input_ids"].shape[0]],
-                                           self.heldout, self.encoder, max(self.cfg.data.max_tokens, longest))
+                                           self.heldout, self.encoder,
+                                           max(self.cfg.data.max_tokens, self.heldout_longest))
             finally:
                 if training_forward is None:
                     del self.model.forward

@@ -44,7 +44,7 @@ class Prefetcher:
             raise ValueError(f"Prefetcher: depth must be an int >= 0, got {depth!r}")
         if pin_device is not None and torch.device(pin_device).type != "cuda":
             raise ValueError(f"Prefetcher: pin_device must be a CUDA device or None, got {pin_device}")
-        self.curriculum, self.depth, self.pin_device = curriculum, depth, pin_device
+        self.curriculum, self.pin_device = curriculum, pin_device
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread = None
