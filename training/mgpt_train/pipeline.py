@@ -521,6 +521,12 @@ class Pipeline:
         return torch.stack(losses).sum().detach() / self.data_parallel_ranks
 
 
+def local_stage_links_work(pp_mesh) -> bool:
+    """Whether neighbouring stages on the same rank can exchange tensors: torch before 2.13 opens a point-to-point
+    link between them at the first step even on one rank, and gloo has no link from a rank to itself."""
+    return torch.__version__ >= "2.13" or dist.get_backend(pp_mesh.get_group()) != "gloo"
+
+
 def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,
                    seq_len: int, device, virtual_stages: int = 1, layers_per_stage=None,
                    activation_dtype: torch.dtype = torch.float32, pad_token_id: int = 0,
@@ -533,6 +539,10 @@ def build_pipeline(model_config: Qwen3VLConfig, pp_mesh, *, schedule: str = "1F1
     ``load_full_state_dict``) yourself."""
     pp_size = pp_mesh.size()
     check_schedule(schedule, n_microbatches, pp_size, virtual_stages)
+    if pp_size == 1 and virtual_stages > 1 and not local_stage_links_work(pp_mesh):
+        raise ValueError(f"pipeline: virtual_stages={virtual_stages} on a 1-rank pipeline needs torch >= 2.13 with "
+                         f"gloo: torch {torch.__version__} links neighbouring stages point to point even on one "
+                         f"rank (a send to itself, which gloo cannot make); use pp >= 2, NCCL or a newer torch")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"pipeline: 'seq_len' must be an int >= 1, got {seq_len!r}")
     if not (0 <= pad_token_id < model_config.text.vocab_size) or pad_token_id == model_config.image_token_id:
