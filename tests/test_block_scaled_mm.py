@@ -9,9 +9,6 @@ products round), fp16 output 1e-3, bf16 output 1e-2 (one rounding of the result;
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from hypothesis import strategies as st
 
 import mgpt_ops
 from conftest import DEVICE, rel_err
+from hopper_compile import SHARED_MEMORY_PER_BLOCK, compile_in_subprocess
 from mgpt_ops.quant import block_scaled_mm, quantize_fp8_group, quantize_weight_block128
 from mgpt_ops.quant import block_gemm
 from mgpt_ops.quant.block_gemm import usable_faces
@@ -263,50 +261,36 @@ def test_bad_input(case):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the compiled (non-interpreted) kernels: ahead-of-time compile for Hopper, both ops
+# the compiled (non-interpreted) kernels: compiled for Hopper as launched (tests/hopper_compile.py)
 # ------------------------------------------------------------------------------------------------------------
-_HOPPER_COMPILE = """
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_LAUNCHES = """
 from mgpt_ops.quant import block_gemm_triton as kt
-
-POINTERS = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "offsets_ptr": "*i32"}
-for kernel, extra in ((kt._block_scaled_mm_kernel, dict(HAS_BIAS=True)), (kt._grouped_block_scaled_mm_kernel,
-                                                                         dict(E_POW2=128))):
-    for out, block_m, block_n, warps in (("bf16", 16, 64, 4), ("fp16", 64, 128, 4), ("fp32", 128, 128, 8)):
-        constexprs = dict(extra, QBLOCK=128, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, NUM_STAGES=3,
-                          INTERPRET=False)
-        signature, aligned = {}, []
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = POINTERS.get(name, "*" + out)
-                aligned.append(i)
-            else:
-                signature[name] = "i32"
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
-        # tensor cores: FP8 operands straight into e4m3 x e4m3 -> f32 wgmma for 64+ row tiles; 16-row decode
-        # tiles use mma.sync, on FP8 converted to f16 (exact) by Triton
-        print(kernel.__name__, out, block_m, len(re.findall(r"wgmma[.a-z0-9_]*\\.e4m3\\.e4m3", ptx)),
-              len(re.findall(r"\\bmma\\.sync", ptx)))
+FP8 = torch.float8_e4m3fn
+OUT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PATTERNS = {"fp8 wgmma": r"wgmma[.a-z0-9_]*\\.e4m3\\.e4m3", "mma.sync": r"\\bmma\\.sync"}
+with compile_launches_for_hopper() as kernels:
+    for m, out in ((1, "bf16"), (16, "fp16"), (64, "bf16"), (4096, "bf16"), (4096, "fp32")):
+        kernels.label = f"dense {m} {out}"  # Qwen3-VL-8B's 4096 -> 12288 projection, with a bias
+        n, k = 12288, 4096
+        kt.block_scaled_mm(torch.empty(m, k, dtype=FP8), torch.empty(n, k, dtype=FP8), torch.rand(m, k // 128),
+                           torch.rand(n // 128, k // 128), OUT[out], torch.randn(n).to(OUT[out]))
+        kernels.label = f"grouped {m} {out}"  # Qwen3-VL-30B-A3B's experts (gate + up: 2048 -> 2 x 768), top-8
+        rows, e, n, k = 8 * m, 128, 1536, 2048
+        offsets = torch.linspace(0, rows, e + 1).to(torch.int32)
+        kt.grouped_block_scaled_mm(torch.empty(rows, k, dtype=FP8), torch.empty(e, n, k, dtype=FP8),
+                                   torch.rand(rows, k // 128), torch.rand(e, n // 128, k // 128), offsets, OUT[out])
 """
 
 
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter accepts code the compiler rejects: compile both kernels for sm_90 (no GPU needed) for
-    each output dtype and decode / prefill tiles, and check the FP8 operands reach e4m3 wgmma instructions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 6, done.stdout
-    for line in lines:
-        block_m, fp8_wgmma, mma_sync = map(int, line.split()[2:])
-        assert (fp8_wgmma if block_m >= 64 else mma_sync) > 0, line
+def test_triton_kernels_compile_for_hopper_as_launched():
+    """The interpreter accepts code the compiler rejects, and only a real launch shows what Triton specialises:
+    compile both kernels as the ops launch them for sm_90 (no GPU needed), decode to prefill sizes: FP8
+    operands straight into e4m3 x e4m3 -> f32 wgmma for 64+ row tiles (16-row decode tiles: mma.sync on FP8
+    converted to f16, exact), shared memory within an SM's, no register spills."""
+    kernels = compile_in_subprocess(_LAUNCHES)
+    assert len(kernels) == 10
+    for kernel in kernels:
+        kind, m, _ = kernel.label.split()
+        rows = int(m) if kind == "dense" else 8 * int(m) / 128  # what picks the tile: rows (per expert)
+        assert kernel.count("fp8 wgmma" if rows > 16 else "mma.sync") > 0, kernel
+        assert kernel.stack_bytes == 0 and kernel.shared_bytes <= SHARED_MEMORY_PER_BLOCK, kernel

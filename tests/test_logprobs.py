@@ -8,9 +8,6 @@ error comes from fp32 logits and, on CUDA, dlogits stored in bf16, and from roun
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 import mgpt_ops
 from conftest import DEVICE, faces_here, rel_err
+from hopper_compile import compile_in_subprocess
 from mgpt_ops.rl._row_ops import row_grad_torch, row_stats_torch
 from mgpt_ops.rl.logprobs import fused_linear_logprobs, row_kernels
 
@@ -214,39 +212,24 @@ def test_row_kernels_follow_contract(face, out_dtype, rows, cols, vocab_start, d
     assert (grad[labels == -100] == 0).all()
 
 
-_HOPPER_COMPILE = """
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_LAUNCHES = """
 from mgpt_ops.rl import logprobs_triton as kt
-
-def ptx(fn, signature, aligned, warps):
-    # 'aligned': the arguments Triton specializes at launch (16-byte pointers, ints divisible by 16).
-    src = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK_V": 4096},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-
-rows = {"n_cols": "i32", "inv_temperature": "fp32", "vocab_start": "i32", "ignore_index": "i32",
-        "BLOCK_V": "constexpr"}
-stats = ptx(kt._row_stats_kernel, {"logits_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32",
-            "n_cols": "i32", "stride_row": "i32", **rows}, range(5), 8)
-grad = ptx(kt._row_grad_kernel, {"logits_ptr": "*fp32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
-           "mean_z_ptr": "*fp32", "grad_logprob_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "out_ptr": "*bf16",
-           "n_cols": "i32", "stride_logits": "i32", "stride_out": "i32", **rows}, range(10), 8)
-print(len(re.findall(r"ld\\.global[^\\n]*\\.v4", stats)), len(re.findall(r"ld\\.global[^\\n]*\\.v4", grad)))
+PATTERNS = {"16-byte loads": r"ld\\.global[^\\n]*\\.v4"}
+with compile_launches_for_hopper() as kernels:
+    rows, vocab = 64, 151936  # Qwen's vocabulary
+    logits, labels = torch.randn(rows, vocab), torch.randint(0, vocab, (rows,))
+    stats = kt.row_stats(logits, labels, 1.0, 0, -100)
+    row = torch.rand(rows)
+    kt.row_grad(logits, labels, row, row, row, row, 1.0, 0, -100, torch.bfloat16)
 """
 
 
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper_as_launched():
     """The interpreter accepts code that the compiler rejects (e.g. a non-constexpr global): compile both kernels
-    for sm_90 ahead of time (no GPU needed) and check that the fp32 logits are read with 16-byte loads."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats_v4, grad_v4 = map(int, done.stdout.split())
-    assert stats_v4 > 0 and grad_v4 > 0
+    as they are launched for sm_90 (no GPU needed) and check that the fp32 logits are read with 16-byte loads."""
+    kernels = compile_in_subprocess(_LAUNCHES)
+    assert [k.name for k in kernels] == ["_row_stats_kernel", "_row_grad_kernel"]
+    assert all(k.count("16-byte loads") > 0 and k.stack_bytes == 0 for k in kernels), kernels
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,9 +12,6 @@ so this holds under the interpreter too), and the Triton kernels are compiled fo
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, faces_here
+from hopper_compile import SHARED_MEMORY_PER_BLOCK, compile_in_subprocess
 import mgpt_ops
 from mgpt_ops.quant import (quantize_fp8_group, quantize_fp8_per_tensor, quantize_fp8_per_token,
                             quantize_int8_per_tensor, quantize_int8_per_token, quantize_weight_block128,
@@ -278,39 +276,28 @@ def test_bad_input(call, exc, msg):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the compiled (non-interpreted) kernels: ahead-of-time compile for Hopper
+# the compiled (non-interpreted) kernels: compiled for Hopper as launched (tests/hopper_compile.py)
 # ------------------------------------------------------------------------------------------------------------
-_HOPPER_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_LAUNCHES = """
 from mgpt_ops.quant import quantize_triton as kt
-
-def compile_kernel(kernel, pointers, constexprs, warps):
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
-for dtype in ("bf16", "fp32"):
-    for qtype, qmax, is_int in (("fp8e4nv", 448.0, False), ("i8", 127.0, True)):
-        compile_kernel(kt._tensor_amax_kernel, {"x_ptr": "*" + dtype, "partial_ptr": "*fp32"},
-                       dict(TILE_R=4, TILE_C=512), 4)
-        compile_kernel(kt._tensor_quantize_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*" + qtype,
-                       "partial_ptr": "*fp32", "scale_ptr": "*fp32"},
-                       dict(QMAX_=qmax, INV_QMAX_=1 / qmax, IS_INT=is_int, TILE_R=4, TILE_C=512, TILE_P=1024), 4)
-        compile_kernel(kt._quantize_rows_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*" + qtype, "scale_ptr": "*fp32"},
-                       dict(QMAX_=qmax, INV_QMAX_=1 / qmax, IS_INT=is_int, BLOCK_R=1, BLOCK_K=4096), 8)
-    for row_groups, tile_r in ((True, 16), (False, 32)):
-        compile_kernel(kt._quantize_blocks_kernel, {"x_ptr": "*" + dtype, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-                       dict(QMAX_=448.0, INV_QMAX_=1 / 448, ROW_GROUPS=row_groups, TILE_R=tile_r, TILE_C=128), 4)
-    print("compiled", dtype)
+with compile_launches_for_hopper() as kernels:
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 4096):
+            x = torch.randn(rows, 4096).to(dtype)
+            kernels.label = f"{dtype} {rows}"
+            for qdtype in (torch.float8_e4m3fn, torch.int8):
+                kt.quantize_rows(x, qdtype)
+                kt.quantize_tensor(x, qdtype)
+            kt.quantize_blocks(x, 1, 128)  # activation groups
+            kt.quantize_blocks(x[:, :1000], 128, 128)  # weight blocks, partial last block, strided view
 """
 
 
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter accepts code the compiler rejects: compile every quantizer kernel for sm_90 (no GPU)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["compiled", "bf16", "compiled", "fp32"]
+def test_triton_kernels_compile_for_hopper_as_launched():
+    """The interpreter accepts code the compiler rejects: compile every quantizer kernel as the quantizers launch
+    it for sm_90 (no GPU needed), bf16 and fp32 input, one row and 4096."""
+    kernels = compile_in_subprocess(_LAUNCHES)
+    assert {k.name for k in kernels} == {"_quantize_rows_kernel", "_tensor_amax_kernel", "_tensor_quantize_kernel",
+                                        "_quantize_blocks_kernel"}
+    assert len(kernels) == 4 * 8
+    assert all(k.shared_bytes <= SHARED_MEMORY_PER_BLOCK for k in kernels)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, faces_here, rel_err
+from hopper_compile import SHARED_MEMORY_PER_BLOCK, compile_in_subprocess
 import mgpt_ops
 from mgpt_ops._backend import choose_backend, kernels_registered
 from mgpt_ops.quant import quantize_fp8_per_token, quantize_int8_per_token, quantize_weight_per_channel, scaled_mm
@@ -194,11 +195,17 @@ def test_cuda_face_fp8():
             assert rel_err(out, formula(a, b, sa, sb, torch.float64, bias)) < TOL[out_dtype], (out_dtype, M)
 
 
-def test_same_as_torch_scaled_mm():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_same_as_torch_scaled_mm(per_row):
     """The documented equivalence: scaled_mm(a, b, sa, sb) == torch._scaled_mm(a, b.T, sa, sb.T)."""
-    a, b, sa, sb = make(32, 48, 64, FP8, seed=10)
+    a, b, sa, sb = make(32, 48, 64, FP8, seed=10, per_row_a=per_row, per_row_b=per_row)
     ours = scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
-    theirs = torch._scaled_mm(a, b.T, sa, sb.T, out_dtype=torch.bfloat16)
+    try:
+        theirs = torch._scaled_mm(a, b.T, sa, sb.T, out_dtype=torch.bfloat16)
+    except RuntimeError as error:  # torch < 2.13 on the CPU: per-tensor scales only
+        if per_row and DEVICE == "cpu" and "only supports per-tensor scaling" in str(error):
+            pytest.skip(f"torch {torch.__version__}'s _scaled_mm on the CPU takes per-tensor scales only")
+        raise
     assert rel_err(ours, theirs) < TOL[torch.bfloat16]
     # The same scale tensors torch._scaled_mm takes ([1, N] per-channel) are accepted as they are.
     assert torch.equal(scaled_mm(a, b, sa, sb.T, out_dtype=torch.bfloat16), ours)
@@ -293,3 +300,34 @@ def test_bad_input(case):
     args = {**ok, **over}
     with pytest.raises(exc, match=msg):
         scaled_mm(args.pop("a"), args.pop("b"), args.pop("scale_a"), args.pop("scale_b"), **args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the compiled (non-interpreted) kernel: compiled for Hopper as launched (tests/hopper_compile.py)
+# ------------------------------------------------------------------------------------------------------------
+_LAUNCHES = """
+from mgpt_ops.quant import scaled_gemm_triton as kt
+PATTERNS = {"fp8 wgmma": r"wgmma[.a-z0-9_]*\\.e4m3\\.e4m3", "int8 wgmma": r"wgmma[.a-z0-9_]*\\.s8\\.s8",
+            "mma.sync": r"\\bmma\\.sync"}
+with compile_launches_for_hopper() as kernels:
+    n, k = 12288, 4096  # Qwen3-VL-8B's 4096 -> 12288 projection
+    for qdtype in ("fp8", "int8"):
+        dtype = torch.float8_e4m3fn if qdtype == "fp8" else torch.int8
+        for m in (1, 16, 64, 4096):
+            kernels.label = f"{qdtype} {m}"
+            bias = torch.randn(n, dtype=torch.bfloat16) if m == 64 else None
+            kt.scaled_mm(torch.empty(m, k, dtype=dtype), torch.empty(n, k, dtype=dtype), torch.rand(m, 1),
+                         torch.rand(n, 1), torch.bfloat16, bias)
+"""
+
+
+def test_triton_kernel_compiles_for_hopper_as_launched():
+    """Compile the kernel as ``scaled_mm`` launches it for sm_90 (no GPU needed), decode to prefill sizes: FP8
+    and INT8 operands straight into wgmma for 64+ row tiles (16-row decode tiles: mma.sync), shared memory
+    within an SM's, no register spills."""
+    kernels = compile_in_subprocess(_LAUNCHES)
+    assert len(kernels) == 8
+    for kernel in kernels:
+        qdtype, m = kernel.label.split()
+        assert kernel.count(f"{qdtype} wgmma" if int(m) > 16 else "mma.sync") > 0, kernel
+        assert kernel.stack_bytes == 0 and kernel.shared_bytes <= SHARED_MEMORY_PER_BLOCK, kernel

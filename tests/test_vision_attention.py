@@ -10,10 +10,6 @@ does, feed P and dS to the matmuls in it and round the outputs to it, which meas
 2^-9) and 5-7e-4 (fp16) here; the reference and C++ faces keep q', k' and P in fp32 (2-3e-3 and 3e-4).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +17,7 @@ from hypothesis import strategies as st
 
 import mgpt_ops
 from conftest import DEVICE, rel_err
+from hopper_compile import SHARED_MEMORY_PER_BLOCK, compile_in_subprocess
 from mgpt_ops.vision.attention import (SUPPORTED_HEAD_DIMS, kernel_registered, usable_faces, vision_attention,
                                        vision_attention_packed)
 
@@ -163,6 +160,26 @@ def test_packed_qkv_and_strided_tables(face, device):
     ref_grads = torch.autograd.grad(ref, leaves, grad.double())
     assert rel_err(out, ref) < 1e-5
     assert rel_err(dqkv, torch.stack(ref_grads, 1)) < 1e-5
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_views_whose_strides_are_not_multiples_of_8(face, device):
+    """The Triton kernels take strides in units of 8 elements; views with other strides (rows of D + 3 here,
+    and a cos/sin table sliced out of a wider one) are copied to contiguous tensors first, not misread."""
+    q, k, v, cu, cos, sin, grad = make_inputs([9, 70, 3], 2, 72, torch.float32, device, seed=6)
+    padded = [torch.cat((t, torch.randn(*t.shape[:2], 3, device=device)), -1).requires_grad_() for t in (q, k, v)]
+    tables = torch.cat((cos, sin, cos[:, :5]), -1)  # row stride 2 D + 5
+    with mgpt_ops.use_backend(face):
+        views = [t[..., :72] for t in padded]
+        assert views[0].stride()[:2] == (2 * 75, 75)
+        out = vision_attention(*views, cu, 70, cos=tables[:, :72], sin=tables[:, 72:144])
+        grads = torch.autograd.grad(out, padded, grad)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*leaves, cu, cos, sin, 72 ** -0.5)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.double())
+    assert rel_err(out, ref) < 1e-5
+    for g, ref_g in zip(grads, ref_grads):
+        assert rel_err(g[..., :72], ref_g) < 1e-5 and (g[..., 72:] == 0).all()
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -341,68 +358,45 @@ def test_bad_packed_qkv(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The compiled (non-interpreted) Triton kernels: ahead-of-time compile for Hopper
+# The compiled (non-interpreted) Triton kernels: compiled for Hopper as launched (tests/hopper_compile.py)
 # ---------------------------------------------------------------------------------------------------------
-_HOPPER_COMPILE = """
-import re, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# (label, dtype, head dim, RoPE, max_seqlen): a packed qkv (the vision tower's layout) of 16 heads for every head
+# dim in bf16; 64-token windows; fp16 without RoPE; fp32.
+HOPPER_CASES = ([("bf16", d, True, 4096) for d in SUPPORTED_HEAD_DIMS]
+                + [("bf16", 80, True, 64), ("fp16", 72, False, 4096), ("fp32", 72, True, 4096)])
+_LAUNCHES = """
 from mgpt_ops.vision import attention_triton as at
-
-FLOATS = {"qk_scale", "sm_scale"}
-FP32_POINTERS = {"LSE", "DELTA", "SCRATCH", "COS", "SIN"}
-
-def compile_kernel(fn, dtype, constexprs, warps, stages):
-    # Every pointer and stride but the RoPE tables' is specialised as 16-byte aligned, as Triton does at launch.
-    names = list(fn.arg_names)
-    signature, aligned = {}, []
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.isupper():
-            signature[name] = "*i32" if name == "CU" else "*fp32" if name in FP32_POINTERS else "*" + dtype
-            aligned.append(i)
-        else:
-            signature[name] = "fp32" if name in FLOATS else "i32"
-            if name.startswith("stride") and name != "stride_cs":
-                aligned.append(i)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-
-# (dtype, head dim, RoPE, max_seqlen): images for every head dim in bf16; 64-token windows; fp16; fp32.
-CASES = [("bf16", d, True, 4096) for d in (64, 72, 80, 96, 128)] + [("bf16", 80, True, 64), ("fp16", 72, False, 4096),
-                                                                      ("fp32", 72, True, 4096)]
-for dtype, head_dim, rope, max_seqlen in CASES:
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    fwd, dq, dkdv = at._blocks(head_dim, torch_dtype, max_seqlen)
-    da, db = at._pieces(head_dim)
-    base = dict(HEAD_DIM=head_dim, HALF=head_dim // 2, DA=da, DB=db, ROPE=rope, INTERPRETER=False,
-                PRECISION="ieee" if dtype == "fp32" else "tf32")
-    kernels = [compile_kernel(at._attn_fwd_kernel, dtype, dict(base, BLOCK_M=fwd.rows, BLOCK_N=fwd.loop),
-                              fwd.num_warps, fwd.num_stages),
-               compile_kernel(at._attn_bwd_dq_kernel, dtype, dict(base, BLOCK_M=dq.rows, BLOCK_N=dq.loop),
-                              dq.num_warps, dq.num_stages),
-               compile_kernel(at._attn_bwd_dkdv_kernel, dtype, dict(base, BLOCK_M=dkdv.loop, BLOCK_N=dkdv.rows),
-                              dkdv.num_warps, dkdv.num_stages)]
-    if rope:
-        kernels.append(compile_kernel(at._rope_kernel, dtype, dict(HEAD_DIM=head_dim, HALF=head_dim // 2, DA=da,
-                                                                   DB=db, BLOCK_T=32, INTERPRETER=False), 4, 1))
-    # Hopper tensor cores (wgmma) for the half-precision matmuls; shared memory within the 227 KB an SM offers.
-    wgmma = [len(re.findall(r"wgmma.mma_async", k.asm["ptx"])) for k in kernels[:3]]
-    smem = max(k.metadata.shared for k in kernels)
-    print(dtype, head_dim, rope, max_seqlen, wgmma, smem)
-    assert smem <= 232448, (dtype, head_dim, smem)
-    assert dtype == "fp32" or min(wgmma) > 0, (dtype, head_dim, wgmma)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PATTERNS = {"wgmma": r"wgmma.mma_async"}
+with compile_launches_for_hopper() as kernels:
+    for dtype, head_dim, rope, max_seqlen in CASES:
+        kernels.label = f"{dtype} {head_dim} {rope} {max_seqlen}"
+        n = 2 * max_seqlen
+        q, k, v = torch.randn(n, 3, 16, head_dim).to(DTYPES[dtype]).unbind(1)
+        cu = torch.tensor([0, max_seqlen // 2, n], dtype=torch.int32)
+        cos, sin = (torch.randn(n, head_dim), torch.randn(n, head_dim)) if rope else (None, None)
+        out, lse = at.forward(q, k, v, cu, max_seqlen, cos, sin, head_dim ** -0.5)
+        at.backward(torch.randn_like(out), q, k, v, out, lse, cu, max_seqlen, cos, sin, head_dim ** -0.5)
 """
 
 
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper_as_launched():
     """The interpreter accepts code that the compiler rejects (non-constexpr globals, unsupported dot shapes,
-    shared memory overflow): compile every kernel for sm_90 ahead of time (no GPU needed) for each head dim
-    in bf16, the tiling of short windows, fp16 without RoPE and fp32."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) == 8
+    shared memory overflow), and only a real launch shows what Triton specialises: compile every kernel as the
+    op launches it for sm_90 (no GPU needed). Half precision: tensor cores (wgmma), shared memory within an
+    SM's, no register spills; D = 72 (pieces 64 + 16) compiles to D = 80's tiles -- with its head stride of 72
+    seen as unaligned, its loads left the software pipeline (40 KB of shared memory instead of 140 KB) and
+    every kernel spilled."""
+    kernels = compile_in_subprocess(f"CASES = {HOPPER_CASES!r}" + _LAUNCHES)
+    attention = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
+    for dtype, head_dim, rope, max_seqlen in HOPPER_CASES:
+        label = f"{dtype} {head_dim} {rope} {max_seqlen}"
+        for name in attention:
+            kernel = kernels.named(label, name)
+            assert kernel.shared_bytes <= SHARED_MEMORY_PER_BLOCK, kernel
+            if dtype != "fp32":  # fp32 (tests only) runs on the FMA units and may spill
+                assert kernel.count("wgmma") > 0 and kernel.stack_bytes == 0, kernel
+        assert all(k.stack_bytes == 0 for k in kernels if k.label == label and k.name == "_rope_kernel")
+    for name in attention:
+        d72, d80 = kernels.named("bf16 72 True 4096", name), kernels.named("bf16 80 True 4096", name)
+        assert d72.shared_bytes == d80.shared_bytes, (d72, d80)

@@ -34,6 +34,16 @@ RoPE (x' = x cos + rotate_half(x) sin, in fp32, rounded to the input dtype as Hu
     scratch [N, H, D], waits at a CTA barrier and reads the partner columns back (its own fresh lines, L1/L2
     hits). The scratch (N H D x 4 bytes, like FlashAttention-2's dq accumulator) serves dq then dk.
 
+Strides (in units of 8 elements)
+    Every stride reaches the kernels divided by 8 and is multiplied by the constant 8 there. Triton specialises
+    an integer argument only on divisibility by 16, so D = 72's head stride (72, or 3 H 72 for a packed qkv)
+    looked unaligned to it: every q/k/v/cos/sin load went unvectorised, the K/V loads fell out of the software
+    pipeline, and the D = 72 kernels spilled registers (compiled as launched for sm_90: forward 216 B of stack
+    and 40 KB of shared memory instead of 0 B and 140 KB; backward 584 B and 720 B of spills). Times 8, the
+    compiler sees 16-byte aligned rows and tiles for D = 72 come out like D = 80's. Every supported D is a
+    multiple of 8, so contiguous tensors and views of a packed qkv qualify as they are; a tensor with other
+    strides is copied to a contiguous one first (``_aligned``).
+
 Interpreter (TRITON_INTERPRET=1, CPU tests): ``INTERPRETER`` casts dot operands to fp32 (bf16 tl.dot is
 silently wrong there), rounds fp32 -> bf16 casts by hand (the interpreter truncates them) and walks the
 blocks with ``while`` loops (``range`` over a runtime bound fails there); compiled kernels use ``tl.range``
@@ -54,6 +64,7 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _MAX_PROGRAMS = 2**31 - 1  # grid axis 0
+_UNIT = tl.constexpr(8)  # strides reach the kernels in units of 8 elements (module docstring: "Strides")
 # Device functions are plain Python under the interpreter: it re-patches triton.language on every call of a
 # @triton.jit device function (~1-3 ms here), which made a launch over 2,000 tiny sequences take minutes.
 # Compiled, they are @triton.jit functions inlined into the kernels as usual.
@@ -75,9 +86,9 @@ def _program_block(CU, n_blocks, n_heads, BLOCK: tl.constexpr):
 
 
 @_device_fn
-def _load(base, tok, row_ok, stride_n, cols, col_ok):
-    return tl.load(base + tok[:, None] * stride_n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                   other=0.0)
+def _load(base, tok, row_ok, stride8_n, cols, col_ok):
+    return tl.load(base + tok[:, None] * (stride8_n * _UNIT) + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @_device_fn
@@ -93,9 +104,9 @@ def _to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @_device_fn
-def _store(base, tok, row_ok, stride_n, cols, col_ok, tile, INTERPRETER: tl.constexpr):
-    tl.store(base + tok[:, None] * stride_n + cols[None, :], _to(tile, base.dtype.element_ty, INTERPRETER),
-             mask=row_ok[:, None] & col_ok[None, :])
+def _store(base, tok, row_ok, stride8_n, cols, col_ok, tile, INTERPRETER: tl.constexpr):
+    tl.store(base + tok[:, None] * (stride8_n * _UNIT) + cols[None, :],
+             _to(tile, base.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @_device_fn
@@ -104,41 +115,41 @@ def _partner(cols, HALF: tl.constexpr):
 
 
 @_device_fn
-def _load_rotated(base, tok, row_ok, stride_n, cols, col_ok, COS, SIN, stride_cs, HALF: tl.constexpr):
+def _load_rotated(base, tok, row_ok, stride8_n, cols, col_ok, COS, SIN, stride8_cs, HALF: tl.constexpr):
     """x'[:, cols] in fp32: x[c] cos[c] + rotate_half(x)[c] sin[c], rotate_half(x)[c] = -x[c + HALF] for
     c < HALF, x[c - HALF] otherwise."""
-    x = _load(base, tok, row_ok, stride_n, cols, col_ok).to(tl.float32)
-    rotated = _load(base, tok, row_ok, stride_n, _partner(cols, HALF), col_ok).to(tl.float32)
+    x = _load(base, tok, row_ok, stride8_n, cols, col_ok).to(tl.float32)
+    rotated = _load(base, tok, row_ok, stride8_n, _partner(cols, HALF), col_ok).to(tl.float32)
     rotated = tl.where((cols < HALF)[None, :], -rotated, rotated)
-    cos = _load(COS, tok, row_ok, stride_cs, cols, col_ok)
-    sin = _load(SIN, tok, row_ok, stride_cs, cols, col_ok)
+    cos = _load(COS, tok, row_ok, stride8_cs, cols, col_ok)
+    sin = _load(SIN, tok, row_ok, stride8_cs, cols, col_ok)
     return x * cos + rotated * sin
 
 
 @_device_fn
-def _unrotate(grad, SCRATCH, tok, row_ok, stride_sn, cols, col_ok, COS, SIN, stride_cs, HALF: tl.constexpr):
+def _unrotate(grad, SCRATCH, tok, row_ok, stride8_sn, cols, col_ok, COS, SIN, stride8_cs, HALF: tl.constexpr):
     """Rotation transpose of the gradient tile ``grad`` = dx'[:, cols] (all of dx' already in SCRATCH):
     dx[c] = dx'[c] cos[c] + dx'[c + HALF] sin[c + HALF] (c < HALF), dx'[c] cos[c] - dx'[c - HALF] sin[c - HALF]."""
     partner = _partner(cols, HALF)
-    other = _load(SCRATCH, tok, row_ok, stride_sn, partner, col_ok)
+    other = _load(SCRATCH, tok, row_ok, stride8_sn, partner, col_ok)
     other = tl.where((cols < HALF)[None, :], other, -other)
-    cos = _load(COS, tok, row_ok, stride_cs, cols, col_ok)
-    sin_partner = _load(SIN, tok, row_ok, stride_cs, partner, col_ok)
+    cos = _load(COS, tok, row_ok, stride8_cs, cols, col_ok)
+    sin_partner = _load(SIN, tok, row_ok, stride8_cs, partner, col_ok)
     return grad * cos + other * sin_partner
 
 
 @_device_fn
-def _store_grad(grad_a, grad_b, OUT, stride_on, SCRATCH, stride_sn, tok, row_ok, cols_a, cols_b, ok_a, ok_b,
-                COS, SIN, stride_cs, HALF: tl.constexpr, ROPE: tl.constexpr, INTERPRETER: tl.constexpr):
+def _store_grad(grad_a, grad_b, OUT, stride8_on, SCRATCH, stride8_sn, tok, row_ok, cols_a, cols_b, ok_a, ok_b,
+                COS, SIN, stride8_cs, HALF: tl.constexpr, ROPE: tl.constexpr, INTERPRETER: tl.constexpr):
     """Store the gradient of the un-rotated input (see the module docstring: scratch, barrier, partners)."""
     if ROPE:
-        _store(SCRATCH, tok, row_ok, stride_sn, cols_a, ok_a, grad_a, INTERPRETER)
-        _store(SCRATCH, tok, row_ok, stride_sn, cols_b, ok_b, grad_b, INTERPRETER)
+        _store(SCRATCH, tok, row_ok, stride8_sn, cols_a, ok_a, grad_a, INTERPRETER)
+        _store(SCRATCH, tok, row_ok, stride8_sn, cols_b, ok_b, grad_b, INTERPRETER)
         tl.debug_barrier()  # every thread's dx' columns are in SCRATCH before any thread reads partners
-        grad_a, grad_b = (_unrotate(grad_a, SCRATCH, tok, row_ok, stride_sn, cols_a, ok_a, COS, SIN, stride_cs, HALF),
-                          _unrotate(grad_b, SCRATCH, tok, row_ok, stride_sn, cols_b, ok_b, COS, SIN, stride_cs, HALF))
-    _store(OUT, tok, row_ok, stride_on, cols_a, ok_a, grad_a, INTERPRETER)
-    _store(OUT, tok, row_ok, stride_on, cols_b, ok_b, grad_b, INTERPRETER)
+        grad_a, grad_b = (_unrotate(grad_a, SCRATCH, tok, row_ok, stride8_sn, cols_a, ok_a, COS, SIN, stride8_cs, HALF),
+                          _unrotate(grad_b, SCRATCH, tok, row_ok, stride8_sn, cols_b, ok_b, COS, SIN, stride8_cs, HALF))
+    _store(OUT, tok, row_ok, stride8_on, cols_a, ok_a, grad_a, INTERPRETER)
+    _store(OUT, tok, row_ok, stride8_on, cols_b, ok_b, grad_b, INTERPRETER)
 
 
 @_device_fn
@@ -161,7 +172,7 @@ def _scores(x_a, x_b, y_a, y_b, qk_scale, INTERPRETER: tl.constexpr, PRECISION: 
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rope_kernel(X, OUT, COS, SIN, stride_xn, stride_xh, stride_on, stride_oh, stride_cs, n_tokens,
+def _rope_kernel(X, OUT, COS, SIN, stride8_xn, stride8_xh, stride8_on, stride8_oh, stride8_cs, n_tokens,
                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                  BLOCK_T: tl.constexpr, INTERPRETER: tl.constexpr):
     """OUT[:, h] = rotated X[:, h] in X's dtype; grid (cdiv(N, BLOCK_T), H)."""
@@ -170,15 +181,15 @@ def _rope_kernel(X, OUT, COS, SIN, stride_xn, stride_xh, stride_on, stride_oh, s
     row_ok = tok < n_tokens
     cols_a, cols_b = tl.arange(0, DA), DA + tl.arange(0, DB)
     ok_a, ok_b = cols_a < HEAD_DIM, cols_b < HEAD_DIM
-    x_base, out_base = X + head * stride_xh, OUT + head * stride_oh
-    x_a = _load_rotated(x_base, tok, row_ok, stride_xn, cols_a, ok_a, COS, SIN, stride_cs, HALF)
-    _store(out_base, tok, row_ok, stride_on, cols_a, ok_a, x_a, INTERPRETER)
-    x_b = _load_rotated(x_base, tok, row_ok, stride_xn, cols_b, ok_b, COS, SIN, stride_cs, HALF)
-    _store(out_base, tok, row_ok, stride_on, cols_b, ok_b, x_b, INTERPRETER)
+    x_base, out_base = X + head * (stride8_xh * _UNIT), OUT + head * (stride8_oh * _UNIT)
+    x_a = _load_rotated(x_base, tok, row_ok, stride8_xn, cols_a, ok_a, COS, SIN, stride8_cs, HALF)
+    _store(out_base, tok, row_ok, stride8_on, cols_a, ok_a, x_a, INTERPRETER)
+    x_b = _load_rotated(x_base, tok, row_ok, stride8_xn, cols_b, ok_b, COS, SIN, stride8_cs, HALF)
+    _store(out_base, tok, row_ok, stride8_on, cols_b, ok_b, x_b, INTERPRETER)
 
 
 @_device_fn
-def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length, stride_kn, stride_vn, cols_a,
+def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length, stride8_kn, stride8_vn, cols_a,
               cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, INTERPRETER: tl.constexpr,
               PRECISION: tl.constexpr):
     """One key block of the online softmax (log2 domain): rescale by 2^(m_old - m_new), add P V. MASK: the
@@ -186,8 +197,8 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, lengt
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < length
     tok_n = start + offs_n
-    k_a = _load(k_base, tok_n, key_ok, stride_kn, cols_a, ok_a)
-    k_b = _load(k_base, tok_n, key_ok, stride_kn, cols_b, ok_b)
+    k_a = _load(k_base, tok_n, key_ok, stride8_kn, cols_a, ok_a)
+    k_b = _load(k_base, tok_n, key_ok, stride8_kn, cols_b, ok_b)
     s = _scores(q_a, q_b, k_a, k_b, qk_scale, INTERPRETER, PRECISION)
     if MASK:
         s = tl.where(key_ok[None, :], s, _NEG_INF)
@@ -196,8 +207,8 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, lengt
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_a = _load(v_base, tok_n, key_ok, stride_vn, cols_a, ok_a)
-    v_b = _load(v_base, tok_n, key_ok, stride_vn, cols_b, ok_b)
+    v_a = _load(v_base, tok_n, key_ok, stride8_vn, cols_a, ok_a)
+    v_b = _load(v_base, tok_n, key_ok, stride8_vn, cols_b, ok_b)
     p = _to(p, v_a.dtype, INTERPRETER)  # P in the input dtype for the tensor-core P V, as FlashAttention does
     acc_a = _dot(p, v_a, acc_a * alpha[:, None], INTERPRETER, PRECISION)
     acc_b = _dot(p, v_b, acc_b * alpha[:, None], INTERPRETER, PRECISION)
@@ -205,8 +216,8 @@ def _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, lengt
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, COS, SIN, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn,
-                     stride_vh, stride_on, stride_oh, stride_cs, n_tokens, n_heads, n_blocks, qk_scale,
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, COS, SIN, stride8_qn, stride8_qh, stride8_kn, stride8_kh, stride8_vn,
+                     stride8_vh, stride8_on, stride8_oh, stride8_cs, n_tokens, n_heads, n_blocks, qk_scale,
                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
                      INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
@@ -219,56 +230,56 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, COS, SIN, stride_qn, stride_qh, stri
     tok_m = start + offs_m
     cols_a, cols_b = tl.arange(0, DA), DA + tl.arange(0, DB)
     ok_a, ok_b = cols_a < HEAD_DIM, cols_b < HEAD_DIM
-    q_base = Q + head * stride_qh
+    q_base = Q + head * (stride8_qh * _UNIT)
     if ROPE:
-        q_a = _load_rotated(q_base, tok_m, row_ok, stride_qn, cols_a, ok_a, COS, SIN, stride_cs, HALF)
-        q_b = _load_rotated(q_base, tok_m, row_ok, stride_qn, cols_b, ok_b, COS, SIN, stride_cs, HALF)
+        q_a = _load_rotated(q_base, tok_m, row_ok, stride8_qn, cols_a, ok_a, COS, SIN, stride8_cs, HALF)
+        q_b = _load_rotated(q_base, tok_m, row_ok, stride8_qn, cols_b, ok_b, COS, SIN, stride8_cs, HALF)
         q_a, q_b = _to(q_a, Q.dtype.element_ty, INTERPRETER), _to(q_b, Q.dtype.element_ty, INTERPRETER)
     else:
-        q_a = _load(q_base, tok_m, row_ok, stride_qn, cols_a, ok_a)
-        q_b = _load(q_base, tok_m, row_ok, stride_qn, cols_b, ok_b)
+        q_a = _load(q_base, tok_m, row_ok, stride8_qn, cols_a, ok_a)
+        q_b = _load(q_base, tok_m, row_ok, stride8_qn, cols_b, ok_b)
 
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
-    k_base, v_base = K + head * stride_kh, V + head * stride_vh
+    k_base, v_base = K + head * (stride8_kh * _UNIT), V + head * (stride8_vh * _UNIT)
     full_end = length - length % BLOCK_N  # key blocks before it lie inside the sequence
     if INTERPRETER:
         n0 = 0
         while n0 < full_end:
             m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length,
-                                               stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
+                                               stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
                                                False, INTERPRETER, PRECISION)
             n0 += BLOCK_N
     else:
         for n0 in tl.range(0, full_end, BLOCK_N):
             m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, n0, length,
-                                               stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
+                                               stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N,
                                                False, INTERPRETER, PRECISION)
     if full_end < length:
         m_i, l_i, acc_a, acc_b = _fwd_step(q_a, q_b, m_i, l_i, acc_a, acc_b, k_base, v_base, start, full_end, length,
-                                           stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True,
+                                           stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True,
                                            INTERPRETER, PRECISION)
 
-    out_base = OUT + head * stride_oh
-    _store(out_base, tok_m, row_ok, stride_on, cols_a, ok_a, acc_a / l_i[:, None], INTERPRETER)
-    _store(out_base, tok_m, row_ok, stride_on, cols_b, ok_b, acc_b / l_i[:, None], INTERPRETER)
+    out_base = OUT + head * (stride8_oh * _UNIT)
+    _store(out_base, tok_m, row_ok, stride8_on, cols_a, ok_a, acc_a / l_i[:, None], INTERPRETER)
+    _store(out_base, tok_m, row_ok, stride8_on, cols_b, ok_b, acc_b / l_i[:, None], INTERPRETER)
     tl.store(LSE + head * n_tokens + tok_m, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
 
 
 @_device_fn
-def _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length, stride_kn,
-             stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+def _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length, stride8_kn,
+             stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
              INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
     """dq' += dS k' over one key block, dS = P * (dP - delta), P = 2^(scores - lse log2 e)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < length
     tok_n = start + offs_n
-    k_a = _load(k_base, tok_n, key_ok, stride_kn, cols_a, ok_a)
-    k_b = _load(k_base, tok_n, key_ok, stride_kn, cols_b, ok_b)
-    v_a = _load(v_base, tok_n, key_ok, stride_vn, cols_a, ok_a)
-    v_b = _load(v_base, tok_n, key_ok, stride_vn, cols_b, ok_b)
+    k_a = _load(k_base, tok_n, key_ok, stride8_kn, cols_a, ok_a)
+    k_b = _load(k_base, tok_n, key_ok, stride8_kn, cols_b, ok_b)
+    v_a = _load(v_base, tok_n, key_ok, stride8_vn, cols_a, ok_a)
+    v_b = _load(v_base, tok_n, key_ok, stride8_vn, cols_b, ok_b)
     p = tl.exp2(_scores(q_a, q_b, k_a, k_b, qk_scale, INTERPRETER, PRECISION) - lse2[:, None])
     if MASK:
         p = tl.where(key_ok[None, :], p, 0.0)
@@ -280,14 +291,14 @@ def _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, star
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, OUT, DOUT, LSE, DELTA, DQ, SCRATCH, CU, COS, SIN, stride_qn, stride_qh,
-                        stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_dn, stride_dh,
-                        stride_cs, n_tokens, n_heads, n_blocks, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
+def _attn_bwd_dq_kernel(Q, K, V, OUT, DOUT, LSE, DELTA, DQ, SCRATCH, CU, COS, SIN, stride8_qn, stride8_qh,
+                        stride8_kn, stride8_kh, stride8_vn, stride8_vh, stride8_on, stride8_oh, stride8_dn, stride8_dh,
+                        stride8_cs, n_tokens, n_heads, n_blocks, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
                         HALF: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, ROPE: tl.constexpr, INTERPRETER: tl.constexpr,
                         PRECISION: tl.constexpr):
     """delta and dq of one query block. Q, K are the rotated q', k' when ROPE; DOUT, DQ, SCRATCH share the
-    layout of a contiguous [N, H, D] tensor (strides stride_dn, stride_dh)."""
+    layout of a contiguous [N, H, D] tensor (strides stride8_dn, stride8_dh)."""
     start, length, head, m0 = _program_block(CU, n_blocks, n_heads, BLOCK_M)
     if m0 >= length:
         return
@@ -296,53 +307,53 @@ def _attn_bwd_dq_kernel(Q, K, V, OUT, DOUT, LSE, DELTA, DQ, SCRATCH, CU, COS, SI
     tok_m = start + offs_m
     cols_a, cols_b = tl.arange(0, DA), DA + tl.arange(0, DB)
     ok_a, ok_b = cols_a < HEAD_DIM, cols_b < HEAD_DIM
-    q_a = _load(Q + head * stride_qh, tok_m, row_ok, stride_qn, cols_a, ok_a)
-    q_b = _load(Q + head * stride_qh, tok_m, row_ok, stride_qn, cols_b, ok_b)
-    do_a = _load(DOUT + head * stride_dh, tok_m, row_ok, stride_dn, cols_a, ok_a)
-    do_b = _load(DOUT + head * stride_dh, tok_m, row_ok, stride_dn, cols_b, ok_b)
-    o_a = _load(OUT + head * stride_oh, tok_m, row_ok, stride_on, cols_a, ok_a).to(tl.float32)
-    o_b = _load(OUT + head * stride_oh, tok_m, row_ok, stride_on, cols_b, ok_b).to(tl.float32)
+    q_a = _load(Q + head * (stride8_qh * _UNIT), tok_m, row_ok, stride8_qn, cols_a, ok_a)
+    q_b = _load(Q + head * (stride8_qh * _UNIT), tok_m, row_ok, stride8_qn, cols_b, ok_b)
+    do_a = _load(DOUT + head * (stride8_dh * _UNIT), tok_m, row_ok, stride8_dn, cols_a, ok_a)
+    do_b = _load(DOUT + head * (stride8_dh * _UNIT), tok_m, row_ok, stride8_dn, cols_b, ok_b)
+    o_a = _load(OUT + head * (stride8_oh * _UNIT), tok_m, row_ok, stride8_on, cols_a, ok_a).to(tl.float32)
+    o_b = _load(OUT + head * (stride8_oh * _UNIT), tok_m, row_ok, stride8_on, cols_b, ok_b).to(tl.float32)
     delta = tl.sum(do_a.to(tl.float32) * o_a, 1) + tl.sum(do_b.to(tl.float32) * o_b, 1)
     tl.store(DELTA + head * n_tokens + tok_m, delta, mask=row_ok)
     lse2 = tl.load(LSE + head * n_tokens + tok_m, mask=row_ok, other=0.0) * _LOG2E
 
     dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
     dq_b = tl.zeros([BLOCK_M, DB], tl.float32)
-    k_base, v_base = K + head * stride_kh, V + head * stride_vh
+    k_base, v_base = K + head * (stride8_kh * _UNIT), V + head * (stride8_vh * _UNIT)
     full_end = length - length % BLOCK_N
     if INTERPRETER:
         n0 = 0
         while n0 < full_end:
             dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length,
-                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
+                                  stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
                                   INTERPRETER, PRECISION)
             n0 += BLOCK_N
     else:
         for n0 in tl.range(0, full_end, BLOCK_N):
             dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, n0, length,
-                                  stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
+                                  stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, False,
                                   INTERPRETER, PRECISION)
     if full_end < length:
         dq_a, dq_b = _dq_step(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, start, full_end, length,
-                              stride_kn, stride_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True, INTERPRETER,
+                              stride8_kn, stride8_vn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_N, True, INTERPRETER,
                               PRECISION)
-    _store_grad(dq_a * sm_scale, dq_b * sm_scale, DQ + head * stride_dh, stride_dn, SCRATCH + head * stride_dh,
-                stride_dn, tok_m, row_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE,
-                INTERPRETER)
+    head_offset = head * (stride8_dh * _UNIT)
+    _store_grad(dq_a * sm_scale, dq_b * sm_scale, DQ + head_offset, stride8_dn, SCRATCH + head_offset, stride8_dn,
+                tok_m, row_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride8_cs, HALF, ROPE, INTERPRETER)
 
 
 @_device_fn
 def _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, LSE_H, DELTA_H, start, m0, length,
-               stride_qn, stride_dn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_M: tl.constexpr,
+               stride8_qn, stride8_dn, cols_a, cols_b, ok_a, ok_b, qk_scale, BLOCK_M: tl.constexpr,
                MASK: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
     """dv += P^T dout, dk' += dS^T q' over one query block (P^T, dS^T: [keys, queries])."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < length
     tok_m = start + offs_m
-    q_a = _load(q_base, tok_m, row_ok, stride_qn, cols_a, ok_a)
-    q_b = _load(q_base, tok_m, row_ok, stride_qn, cols_b, ok_b)
-    do_a = _load(do_base, tok_m, row_ok, stride_dn, cols_a, ok_a)
-    do_b = _load(do_base, tok_m, row_ok, stride_dn, cols_b, ok_b)
+    q_a = _load(q_base, tok_m, row_ok, stride8_qn, cols_a, ok_a)
+    q_b = _load(q_base, tok_m, row_ok, stride8_qn, cols_b, ok_b)
+    do_a = _load(do_base, tok_m, row_ok, stride8_dn, cols_a, ok_a)
+    do_b = _load(do_base, tok_m, row_ok, stride8_dn, cols_b, ok_b)
     lse2 = tl.load(LSE_H + tok_m, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA_H + tok_m, mask=row_ok, other=0.0)
     p_t = tl.exp2(_scores(k_a, k_b, q_a, q_b, qk_scale, INTERPRETER, PRECISION) - lse2[None, :])
@@ -359,8 +370,8 @@ def _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, LSE_
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, DK, DV, SCRATCH, CU, COS, SIN, stride_qn, stride_qh,
-                          stride_kn, stride_kh, stride_vn, stride_vh, stride_dn, stride_dh, stride_cs, n_tokens,
+def _attn_bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, DK, DV, SCRATCH, CU, COS, SIN, stride8_qn, stride8_qh,
+                          stride8_kn, stride8_kh, stride8_vn, stride8_vh, stride8_dn, stride8_dh, stride8_cs, n_tokens,
                           n_heads, n_blocks, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                           DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           ROPE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
@@ -373,39 +384,39 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOUT, LSE, DELTA, DK, DV, SCRATCH, CU, COS, S
     tok_n = start + offs_n
     cols_a, cols_b = tl.arange(0, DA), DA + tl.arange(0, DB)
     ok_a, ok_b = cols_a < HEAD_DIM, cols_b < HEAD_DIM
-    k_a = _load(K + head * stride_kh, tok_n, key_ok, stride_kn, cols_a, ok_a)
-    k_b = _load(K + head * stride_kh, tok_n, key_ok, stride_kn, cols_b, ok_b)
-    v_a = _load(V + head * stride_vh, tok_n, key_ok, stride_vn, cols_a, ok_a)
-    v_b = _load(V + head * stride_vh, tok_n, key_ok, stride_vn, cols_b, ok_b)
+    k_a = _load(K + head * (stride8_kh * _UNIT), tok_n, key_ok, stride8_kn, cols_a, ok_a)
+    k_b = _load(K + head * (stride8_kh * _UNIT), tok_n, key_ok, stride8_kn, cols_b, ok_b)
+    v_a = _load(V + head * (stride8_vh * _UNIT), tok_n, key_ok, stride8_vn, cols_a, ok_a)
+    v_b = _load(V + head * (stride8_vh * _UNIT), tok_n, key_ok, stride8_vn, cols_b, ok_b)
 
     dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
     dk_b = tl.zeros([BLOCK_N, DB], tl.float32)
     dv_a = tl.zeros([BLOCK_N, DA], tl.float32)
     dv_b = tl.zeros([BLOCK_N, DB], tl.float32)
-    q_base, do_base = Q + head * stride_qh, DOUT + head * stride_dh
+    q_base, do_base = Q + head * (stride8_qh * _UNIT), DOUT + head * (stride8_dh * _UNIT)
     lse_h, delta_h = LSE + head * n_tokens, DELTA + head * n_tokens
     full_end = length - length % BLOCK_M
     if INTERPRETER:
         m0 = 0
         while m0 < full_end:
             dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
-                                                delta_h, start, m0, length, stride_qn, stride_dn, cols_a, cols_b,
+                                                delta_h, start, m0, length, stride8_qn, stride8_dn, cols_a, cols_b,
                                                 ok_a, ok_b, qk_scale, BLOCK_M, False, INTERPRETER, PRECISION)
             m0 += BLOCK_M
     else:
         for m0 in tl.range(0, full_end, BLOCK_M):
             dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
-                                                delta_h, start, m0, length, stride_qn, stride_dn, cols_a, cols_b,
+                                                delta_h, start, m0, length, stride8_qn, stride8_dn, cols_a, cols_b,
                                                 ok_a, ok_b, qk_scale, BLOCK_M, False, INTERPRETER, PRECISION)
     if full_end < length:
         dk_a, dk_b, dv_a, dv_b = _dkdv_step(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_h,
-                                            delta_h, start, full_end, length, stride_qn, stride_dn, cols_a, cols_b,
+                                            delta_h, start, full_end, length, stride8_qn, stride8_dn, cols_a, cols_b,
                                             ok_a, ok_b, qk_scale, BLOCK_M, True, INTERPRETER, PRECISION)
-    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_a, ok_a, dv_a, INTERPRETER)
-    _store(DV + head * stride_dh, tok_n, key_ok, stride_dn, cols_b, ok_b, dv_b, INTERPRETER)
-    _store_grad(dk_a * sm_scale, dk_b * sm_scale, DK + head * stride_dh, stride_dn, SCRATCH + head * stride_dh,
-                stride_dn, tok_n, key_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride_cs, HALF, ROPE,
-                INTERPRETER)
+    head_offset = head * (stride8_dh * _UNIT)
+    _store(DV + head_offset, tok_n, key_ok, stride8_dn, cols_a, ok_a, dv_a, INTERPRETER)
+    _store(DV + head_offset, tok_n, key_ok, stride8_dn, cols_b, ok_b, dv_b, INTERPRETER)
+    _store_grad(dk_a * sm_scale, dk_b * sm_scale, DK + head_offset, stride8_dn, SCRATCH + head_offset, stride8_dn,
+                tok_n, key_ok, cols_a, cols_b, ok_a, ok_b, COS, SIN, stride8_cs, HALF, ROPE, INTERPRETER)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,16 +482,30 @@ class _Launch:
         return n_blocks, total
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its token and head strides are multiples of 8 elements (any contiguous [N, H, D] tensor,
+    any view of a packed qkv: every supported D is a multiple of 8), else a contiguous copy."""
+    if x.stride(0) % _UNIT.value == 0 and x.stride(1) % _UNIT.value == 0:
+        return x
+    return x.contiguous()
+
+
+def _strides8(x: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of an ``_aligned`` [N, H, D] tensor in units of 8 elements."""
+    return x.stride(0) // _UNIT.value, x.stride(1) // _UNIT.value
+
+
 def _rope_operands(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
     """(cos, sin, row stride) for the kernels; without RoPE, q stands in for the pointers no code reads."""
     if cos is None:
         return q, q, 0
     cos, sin = cos.contiguous(), sin.contiguous()  # no-op for the usual tables; one row stride for both
-    return cos, sin, cos.stride(0)
+    return cos, sin, cos.stride(0) // _UNIT.value  # D is a multiple of 8
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x' = x cos + rotate_half(x) sin (fp32 math) as a contiguous [N, H, D] tensor in x's dtype."""
+    x = _aligned(x)
     tokens, heads, head_dim = x.shape
     da, db = _pieces(head_dim)
     cos, sin, stride_cs = _rope_operands(x, cos, sin)
@@ -488,7 +513,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_t = 128 if triton_interpreting() else 32
     if tokens and heads:
         _rope_kernel[(triton.cdiv(tokens, block_t), heads)](
-            x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1), stride_cs, tokens,
+            x, out, cos, sin, *_strides8(x), *_strides8(out), stride_cs, tokens,
             HEAD_DIM=head_dim, HALF=head_dim // 2, DA=da, DB=db, BLOCK_T=block_t, INTERPRETER=triton_interpreting(),
             num_warps=4)
     return out
@@ -496,6 +521,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def forward(q, k, v, cu_seqlens, max_seqlen: int, cos, sin, scale: float):
     """(out [N, H, D] in q's dtype, lse [H, N] fp32) -- see the contract."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     launch = _Launch(q, cu_seqlens, cos)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((launch.heads, launch.tokens), dtype=torch.float32, device=q.device)
@@ -507,15 +533,15 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, cos, sin, scale: float):
         k = rotate(k, cos, sin)
     cos, sin, stride_cs = _rope_operands(q, cos, sin)
     _attn_fwd_kernel[(programs,)](
-        q, k, v, out, lse, cu_seqlens, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), out.stride(0), out.stride(1), stride_cs, launch.tokens, launch.heads, n_blocks,
-        scale * _LOG2E.value, BLOCK_M=blocks.rows, BLOCK_N=blocks.loop, num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages, **launch.constexprs)
+        q, k, v, out, lse, cu_seqlens, cos, sin, *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(out),
+        stride_cs, launch.tokens, launch.heads, n_blocks, scale * _LOG2E.value, BLOCK_M=blocks.rows,
+        BLOCK_N=blocks.loop, num_warps=blocks.num_warps, num_stages=blocks.num_stages, **launch.constexprs)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, cos, sin, scale: float):
     """(dq, dk, dv), contiguous, in the input dtypes: gradients w.r.t. the un-rotated q and k."""
+    q, k, v, out = _aligned(q), _aligned(k), _aligned(v), _aligned(out)
     launch = _Launch(q, cu_seqlens, cos)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _, dq_blocks, dkdv_blocks = _blocks(launch.head_dim, q.dtype, max_seqlen)
@@ -534,13 +560,11 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, cos, sin, sca
     common = dict(n_tokens=launch.tokens, n_heads=launch.heads, sm_scale=scale, qk_scale=scale * _LOG2E.value,
                   **launch.constexprs)
     _attn_bwd_dq_kernel[(dq_programs,)](
-        q, k, v, out, dout, lse, delta, dq, scratch, cu_seqlens, cos, sin, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        stride_cs, n_blocks=dq_tiles, BLOCK_M=dq_blocks.rows, BLOCK_N=dq_blocks.loop,
-        num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages, **common)
+        q, k, v, out, dout, lse, delta, dq, scratch, cu_seqlens, cos, sin, *_strides8(q), *_strides8(k),
+        *_strides8(v), *_strides8(out), *_strides8(dout), stride_cs, n_blocks=dq_tiles, BLOCK_M=dq_blocks.rows,
+        BLOCK_N=dq_blocks.loop, num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages, **common)
     _attn_bwd_dkdv_kernel[(dkdv_programs,)](
-        q, k, v, dout, lse, delta, dk, dv, scratch, cu_seqlens, cos, sin, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), stride_cs, n_blocks=dkdv_tiles,
-        BLOCK_M=dkdv_blocks.loop, BLOCK_N=dkdv_blocks.rows, num_warps=dkdv_blocks.num_warps,
-        num_stages=dkdv_blocks.num_stages, **common)
+        q, k, v, dout, lse, delta, dk, dv, scratch, cu_seqlens, cos, sin, *_strides8(q), *_strides8(k),
+        *_strides8(v), *_strides8(dout), stride_cs, n_blocks=dkdv_tiles, BLOCK_M=dkdv_blocks.loop,
+        BLOCK_N=dkdv_blocks.rows, num_warps=dkdv_blocks.num_warps, num_stages=dkdv_blocks.num_stages, **common)
     return dq, dk, dv
