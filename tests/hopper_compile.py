@@ -48,7 +48,7 @@ class Compiled:
     num_warps: int
     num_stages: int
     registers: int  # per thread
-    stack_bytes: int  # local memory per thread: register spills (the kernels here have no other stack use)
+    stack_bytes: int  # local memory per thread: register spills (or a local array: 8 B in the amax kernel)
     shared_bytes: int
     ptx: str
 
@@ -154,7 +154,7 @@ def compile_in_subprocess(code: str) -> list[dict]:
 
 @dataclasses.dataclass
 class _Counted(Compiled):
-    """A kernel compiled in another process: its PTX pattern counts instead of its PTX."""
+    """A kernel compiled in another process: ``count(name)`` answers for the snippet's PATTERNS by name."""
 
     counts: dict = dataclasses.field(default_factory=dict)
 

@@ -36,7 +36,7 @@ RoPE (x' = x cos + rotate_half(x) sin, in fp32, rounded to the input dtype as Hu
 
 Strides (in units of 8 elements)
     Every stride reaches the kernels divided by 8 and is multiplied by the constant 8 there. Triton specialises
-    an integer argument only on divisibility by 16, so D = 72's head stride (72, or 3 H 72 for a packed qkv)
+    an integer argument only on divisibility by 16, so D = 72's head stride (72 elements, packed qkv or not)
     looked unaligned to it: every q/k/v/cos/sin load went unvectorised, the K/V loads fell out of the software
     pipeline, and the D = 72 kernels spilled registers (compiled as launched for sm_90: forward 216 B of stack
     and 40 KB of shared memory instead of 0 B and 140 KB; backward 584 B and 720 B of spills). Times 8, the
