@@ -31,7 +31,10 @@ bounds whatever the offsets hold.
 Faces: ``reference`` (dequantise in float64, matmul -- the spec), ``triton`` (``block_gemm_triton.py``; the
 grouped op is ONE launch for all experts) and ``cpu`` (``mgpt::block_scaled_mm_kernel`` /
 ``mgpt::grouped_block_scaled_mm_kernel`` in ``mgpt_ops._C``, available only where those kernels are
-registered). Automatic choice: CUDA -> triton; CPU -> cpu if registered, else reference.
+registered). Automatic choice: CUDA -> triton; CPU -> cpu if registered, else reference. ``cuda`` (dense op
+only) is a CUTLASS sm_90a kernel with CUTLASS's blockwise-scaling mainloop (``csrc/quant/block_scaled_mm_sm90.cu``;
+block 128, K % 16 == 0 and 16-byte aligned output rows) that has been compiled but never run on a GPU, so it is
+NOT chosen automatically: it runs only when pinned with ``mgpt_ops.use_backend("cuda")``.
 
 Inference only (not differentiable): the wrappers detach their inputs and the output never requires grad.
 """
@@ -51,7 +54,8 @@ FP8 = torch.float8_e4m3fn
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BIAS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OFFSET_DTYPES = (torch.int32, torch.int64)
-FACES = ("reference", "triton", "cpu")
+FACES = ("reference", "triton", "cpu", "cuda")
+# The cuda face is left out of the automatic choice until it has been verified on a GPU (module docstring).
 PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
 KERNELS = {"block_scaled_mm": ("mgpt::block_scaled_mm_kernel",),
            "grouped_block_scaled_mm": ("mgpt::grouped_block_scaled_mm_kernel",)}
@@ -123,7 +127,7 @@ def _block_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
         from mgpt_ops.quant import block_gemm_triton  # lazy: triton is optional
 
         return block_gemm_triton.block_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
-    if face == "cpu":
+    if face in ("cpu", "cuda"):
         return torch.ops.mgpt.block_scaled_mm_kernel(a.contiguous(), b.contiguous(), scale_a, scale_b, out_dtype,
                                                      block, bias)
     return block_scaled_mm_reference(a, b, scale_a, scale_b, out_dtype, block, bias)

@@ -1,0 +1,179 @@
+// CUDA kernel of mgpt::block_scaled_mm_kernel for Hopper (sm_90a): the FP8 GEMM of Qwen's / DeepSeek-V3's
+// block-quantized checkpoints, built from CUTLASS 3's blockwise-scaling mainloop. Contract:
+// mgpt_ops/quant/block_gemm.py.
+//
+//   out[m, n] = cast_out( sum_kb scale_a[m, kb] scale_b[n / 128, kb] sum_{k in block kb} a[m, k] b[n, k] + bias[n] )
+//
+// a [M, K] and b [N, K] row-major (both K-major, what wgmma wants); scale_a [M, ceil(K/128)] (1 x 128 activation
+// groups) and scale_b [ceil(N/128), ceil(K/128)] (128 x 128 weight blocks), both fp32 row-major -- CUTLASS's
+// K-major scale layouts, so the tensors go in as they are (no transpose). The mainloop multiplies each 128-wide
+// K block's wgmma partial sums by their scales in fp32 registers before adding them to the accumulator
+// (DeepSeek-V3's promotion, the same arithmetic as the Triton face); the epilogue adds the bias and casts.
+// Partial blocks need nothing special: TMA fills rows / columns past M, N, K with zeros, and the scale tensors
+// already have ceil(./128) entries.
+//
+// NOT VERIFIED ON A GPU: compiled for sm_90a in CI (MGPT_CUDA=compile-only) but never run. For that reason the
+// `cuda` face of mgpt.block_scaled_mm is not in the automatic preference: it runs only when pinned with
+// mgpt_ops.use_backend("cuda"). TMA needs 16-byte aligned rows: K % 16 == 0 (fp8) and N * sizeof(out) % 16 == 0.
+//
+// Without the CUTLASS headers this file compiles to nothing and the CUDA kernel is not registered.
+#if __has_include(<cutlass/cutlass.h>)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cutlass/cutlass.h>
+#include <cute/tensor.hpp>
+#include <cutlass/detail/blockwise_scale_layout.hpp>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include <optional>
+#include <string>
+
+#include "quant/quant_checks.h"
+
+namespace mgpt::quant {
+namespace {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+constexpr const char* kOp = "mgpt.block_scaled_mm_kernel";
+constexpr int kBlock = 128;  // the quantisation block: 1 x 128 activation groups, 128 x 128 weight blocks
+
+template <typename ElementD>
+struct BlockScaledFp8Gemm {
+  using ElementA = cutlass::float_e4m3_t;
+  using ElementB = cutlass::float_e4m3_t;
+  using ElementAcc = float;  // also the scales' type (the mainloop requires them equal)
+  using LayoutA = cutlass::layout::RowMajor;     // a [M, K]
+  using LayoutB = cutlass::layout::ColumnMajor;  // B = b^T [K, N], i.e. b [N, K] row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignAB = 16;  // fp8 elements per 16-byte TMA row unit
+  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  using TileShape = Shape<_128, _128, _128>;  // one K step = one quantisation block
+  using ClusterShape = Shape<_1, _2, _1>;
+  // scale_a: one scale per row and K block (granularity 1 x 128); scale_b: per 128 x 128 block. K-major both.
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::K,
+                                                                cute::GMMA::Major::K>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+  // Epilogue visitor tree: acc + bias[n] (a null bias pointer broadcasts 0), cast to ElementD.
+  using Bias = fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;
+  using Output = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float, kRound>, fusion::Sm90AccFetch,
+                                 Bias>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float, void, LayoutD, kAlignD, ElementD, LayoutD,
+      kAlignD, EpilogueSchedule, Output>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA, LayoutSFA>, kAlignAB,
+      ElementB, cute::tuple<LayoutB, LayoutSFB>, kAlignAB, ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
+                  const float* bias, at::Tensor& out) {
+    const int m = static_cast<int>(a.size(0)), n = static_cast<int>(b.size(0)), k = static_cast<int>(a.size(1));
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    const StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1));
+    const StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(n, k, 1));
+    const StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(m, n, 1));
+    // [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] row-major: exactly these K-major layouts
+    const LayoutSFA layout_sfa = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+    const LayoutSFB layout_sfb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+
+    typename Output::Arguments epilogue_args{{}, {bias, 0.0f, {}}, {}};  // acc, bias, plus
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const ElementA*>(a.const_data_ptr()), stride_a, static_cast<const ElementB*>(b.const_data_ptr()),
+         stride_b, scale_a.const_data_ptr<float>(), layout_sfa, scale_b.const_data_ptr<float>(), layout_sfb},
+        {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
+
+    Gemm gemm;
+    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, kOp,
+                ": CUTLASS cannot run this problem (alignment or size): a ", shape_of(a), ", b ", shape_of(b));
+    at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                     a.options().dtype(at::kByte));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+    const cutlass::Status status = gemm.run(args, workspace.data_ptr(), stream);
+    TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ",
+                cutlassGetStatusString(status));
+  }
+};
+
+void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.device() == a.device(), kOp, ": argument '", name, "' must be on ", a.device().str(), ", got ",
+              t.device().str());
+}
+
+at::Tensor block_scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                                const at::Tensor& scale_b, at::ScalarType out_dtype, int64_t block,
+                                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.is_cuda(), kOp, ": the CUDA kernel got argument 'a' on ", a.device().str());
+  TORCH_CHECK(block == kBlock, kOp, ": the CUDA kernel takes block=128 only, got ", std::to_string(block));
+  check_dtype(kOp, "a", a, at::kFloat8_e4m3fn);
+  check_dtype(kOp, "b", b, at::kFloat8_e4m3fn);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(1), kOp,
+              ": arguments 'a' [M, K] and 'b' [N, K] must share K, got ", shape_of(a), " and ", shape_of(b));
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  check_same_device("b", b, a);
+  check_same_device("scale_a", scale_a, a);
+  check_same_device("scale_b", scale_b, a);
+  check_dtype(kOp, "scale_a", scale_a, at::kFloat);
+  check_dtype(kOp, "scale_b", scale_b, at::kFloat);
+  check_shape2(kOp, "scale_a", scale_a, m, blocks_of(k, kBlock));
+  check_shape2(kOp, "scale_b", scale_b, blocks_of(n, kBlock), blocks_of(k, kBlock));
+  check_out_dtype(kOp, out_dtype);
+  const int64_t out_bytes = at::elementSize(out_dtype);
+  TORCH_CHECK(k % 16 == 0 && (n * out_bytes) % 16 == 0, kOp, ": the CUDA kernel needs K % 16 == 0 and 16-byte "
+              "aligned output rows, got K = ", std::to_string(k), ", N = ", std::to_string(n));
+  if (bias.has_value()) {
+    check_same_device("bias", *bias, a);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kOp, ": argument 'bias' must have shape [",
+                std::to_string(n), "], got ", shape_of(*bias));
+  }
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const std::optional<at::Tensor> bias_f =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const float* bias_p = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  if (out_dtype == at::kBFloat16) {
+    BlockScaledFp8Gemm<cutlass::bfloat16_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else if (out_dtype == at::kHalf) {
+    BlockScaledFp8Gemm<cutlass::half_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else {
+    BlockScaledFp8Gemm<float>::run(a_c, b_c, sa, sb, bias_p, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgpt, CUDA, m) { m.impl("block_scaled_mm_kernel", &block_scaled_mm_sm90); }
+
+}  // namespace mgpt::quant
+
+#endif  // __has_include(<cutlass/cutlass.h>)
