@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import CaseSetup, CaseSpec, Impl, generator, kernel_faces, load, pinned
+from bench.face_probe import unverified_face_problem
 
 FP8 = torch.float8_e4m3fn
 TIMED_REGION = "forward only: one inference GEMM on operands quantized beforehand (quantization not timed)"
@@ -102,13 +103,17 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 def _ours(faces: list[str], device: torch.device, module: str, op_name: str, call) -> dict[str, Impl]:
     """One contender per kernel face of ``module.op_name``; faces the op lacks or cannot run here (C++ faces need
-    their kernels registered in mgpt_ops._C) are reported unavailable, never timed under a wrong label."""
+    their kernels registered in mgpt_ops._C) are reported unavailable, never timed under a wrong label. The
+    CUTLASS (``cuda``) faces, not yet verified on a GPU, run here only after a child process ran them correctly
+    (``bench.face_probe``)."""
     op, why = load(module, op_name)
     usable = _usable_faces(module, op_name, device) if op is not None else []
     impls = {}
     for face in faces:
         reason = why or (None if face in usable else f"{op_name} has no usable {face!r} face on {device.type} "
                                                       f"here (usable: {', '.join(usable)})")
+        if reason is None and face == "cuda":
+            reason = unverified_face_problem(__name__, op_name, face, "bf16_mm", TOLERANCE)
         impls[f"ours:{face}"] = Impl("ours", None if reason else pinned(face, lambda: {"out": call(op)}), face,
                                      reason)
     return impls

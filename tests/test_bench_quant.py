@@ -158,3 +158,21 @@ def test_router_gives_each_token_distinct_experts(tokens, experts):
 def test_quick_faces_are_the_kernel_faces(device):
     kernel = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
     assert all(s.params["faces"] == kernel for s in qg.cases(device, quick=True))
+
+
+def test_unverified_faces_are_tried_in_a_child_process_first():
+    """bench.face_probe runs a face in a spawned process on a small case of the family's own setup before the
+    benchmark process may time it (a CUDA fault there would wreck every later case). Exercised on the CPU with the
+    C++ face: a correct face passes, an impossible tolerance and a face the child cannot run are reasons, and
+    without a GPU the CUDA probe is a no-op."""
+    from bench import face_probe
+
+    if "cpu" not in qg._usable_faces("mgpt_ops.quant.scaled_gemm", "scaled_mm", torch.device("cpu")):
+        pytest.skip("the C++ extension is not built here")  # CI builds it: this runs there
+    probe = lambda face, tolerance: face_probe.unverified_face_problem(  # noqa: E731
+        "bench.quant_gemm", "scaled_mm", face, "bf16_mm", tolerance, device="cpu")
+    assert probe("cpu", qg.TOLERANCE) is None
+    assert "above the tolerance 0" in probe("cpu", 0.0)
+    assert "unavailable in the probe process" in probe("cuda", qg.TOLERANCE)
+    if not torch.cuda.is_available():
+        assert face_probe.unverified_face_problem("bench.quant_gemm", "scaled_mm", "cuda", "bf16_mm", 1.0) is None

@@ -281,23 +281,6 @@ def test_cuda_face_is_never_chosen_automatically():
             block_scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
 
 
-@pytest.mark.skipif(DEVICE != "cuda" or not kernels_registered("cuda", block_gemm.KERNELS["block_scaled_mm"]),
-                    reason="needs CUDA tensors and mgpt_ops._C built with CUTLASS (the cuda face of block_scaled_mm)")
-def test_cuda_face_matches_formula():
-    """The CUTLASS sm_90a kernel against the formula (GPU runs only: MGPT_TEST_DEVICE=cuda): every output dtype,
-    with and without bias, decode to prefill rows; N = 264 ends in a partial 128-block, K = 1040 in a partial
-    128-wide K block; scales spread over ~4 orders of magnitude."""
-    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for M in (1, 33, 300, 4096):
-            a, b, sa, sb = make(M, 264, 1040, seed=M)
-            bias = torch.randn(264, device=DEVICE) if M % 2 else None
-            with mgpt_ops.use_backend("cuda"):
-                out = block_scaled_mm(a, b, sa, sb, out_dtype=out_dtype, bias=bias)
-            assert out.dtype == out_dtype and out.shape == (M, 264)
-            assert rel_err(out, formula(a, b, sa, sb, bias)) < TOL[out_dtype], (out_dtype, M)
-    torch.library.opcheck(torch.ops.mgpt.block_scaled_mm_kernel, (a, b, sa, sb, torch.float32, 128, None))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the compiled (non-interpreted) kernels: compiled for Hopper as launched (tests/hopper_compile.py)
 # ------------------------------------------------------------------------------------------------------------

@@ -180,21 +180,6 @@ def test_cuda_face_runs_only_when_pinned():
             scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
 
 
-@pytest.mark.skipif(DEVICE != "cuda" or not kernels_registered("cuda", scaled_gemm.KERNELS),
-                    reason="needs CUDA tensors and mgpt_ops._C built with CUTLASS (the cuda face of scaled_mm)")
-def test_cuda_face_fp8():
-    """The CUTLASS sm_90a kernel against the formula (GPU runs only: MGPT_TEST_DEVICE=cuda): every output dtype,
-    per-row / per-tensor scales, with and without bias; K = 1040 ends in a partial 128-wide K tile."""
-    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for M, per_row_a, per_row_b in ((1, True, True), (33, False, False), (300, True, False), (300, False, True)):
-            a, b, sa, sb = make(M, 264, 1040, FP8, seed=M, per_row_a=per_row_a, per_row_b=per_row_b)
-            bias = torch.randn(264, device=DEVICE) if M > 1 else None
-            with mgpt_ops.use_backend("cuda"):
-                out = scaled_mm(a, b, sa, sb, out_dtype=out_dtype, bias=bias)
-            assert out.dtype == out_dtype and out.shape == (M, 264)
-            assert rel_err(out, formula(a, b, sa, sb, torch.float64, bias)) < TOL[out_dtype], (out_dtype, M)
-
-
 @pytest.mark.parametrize("per_row", [False, True])
 def test_same_as_torch_scaled_mm(per_row):
     """The documented equivalence: scaled_mm(a, b, sa, sb) == torch._scaled_mm(a, b.T, sa, sb.T)."""
