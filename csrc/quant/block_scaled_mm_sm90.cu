@@ -18,25 +18,8 @@
 //
 // Without the CUTLASS headers this file compiles to nothing and the CUDA kernel is not registered.
 #if __has_include(<cutlass/cutlass.h>)
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <cutlass/cutlass.h>
-#include <cute/tensor.hpp>
+#include "quant/cutlass_gemm.h"
 #include <cutlass/detail/blockwise_scale_layout.hpp>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
-
-#include <optional>
-#include <string>
-
-#include "quant/quant_checks.h"
 
 namespace mgpt::quant {
 namespace {
@@ -108,22 +91,9 @@ struct BlockScaledFp8Gemm {
          stride_b, scale_a.const_data_ptr<float>(), layout_sfa, scale_b.const_data_ptr<float>(), layout_sfb},
         {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
 
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, kOp,
-                ": CUTLASS cannot run this problem (alignment or size): a ", shape_of(a), ", b ", shape_of(b));
-    at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                     a.options().dtype(at::kByte));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
-    const cutlass::Status status = gemm.run(args, workspace.data_ptr(), stream);
-    TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ",
-                cutlassGetStatusString(status));
+    run_cutlass_gemm<Gemm>(kOp, args, a, b);
   }
 };
-
-void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& a) {
-  TORCH_CHECK(t.device() == a.device(), kOp, ": argument '", name, "' must be on ", a.device().str(), ", got ",
-              t.device().str());
-}
 
 at::Tensor block_scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                                 const at::Tensor& scale_b, at::ScalarType out_dtype, int64_t block,
@@ -135,9 +105,9 @@ at::Tensor block_scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(1), kOp,
               ": arguments 'a' [M, K] and 'b' [N, K] must share K, got ", shape_of(a), " and ", shape_of(b));
   const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  check_same_device("b", b, a);
-  check_same_device("scale_a", scale_a, a);
-  check_same_device("scale_b", scale_b, a);
+  check_same_device(kOp, "b", b, a);
+  check_same_device(kOp, "scale_a", scale_a, a);
+  check_same_device(kOp, "scale_b", scale_b, a);
   check_dtype(kOp, "scale_a", scale_a, at::kFloat);
   check_dtype(kOp, "scale_b", scale_b, at::kFloat);
   check_shape2(kOp, "scale_a", scale_a, m, blocks_of(k, kBlock));
@@ -147,7 +117,7 @@ at::Tensor block_scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK(k % 16 == 0 && (n * out_bytes) % 16 == 0, kOp, ": the CUDA kernel needs K % 16 == 0 and 16-byte "
               "aligned output rows, got K = ", std::to_string(k), ", N = ", std::to_string(n));
   if (bias.has_value()) {
-    check_same_device("bias", *bias, a);
+    check_same_device(kOp, "bias", *bias, a);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kOp, ": argument 'bias' must have shape [",
                 std::to_string(n), "], got ", shape_of(*bias));
   }

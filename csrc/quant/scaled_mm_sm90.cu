@@ -21,24 +21,7 @@
 // Without the CUTLASS headers (nvidia-cutlass not installed: CMakeLists.txt then adds no CUTLASS include path)
 // this file compiles to nothing, the CUDA kernel is not registered, and the cuda face reports itself missing.
 #if __has_include(<cutlass/cutlass.h>)
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <cutlass/cutlass.h>
-#include <cute/tensor.hpp>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
-
-#include <optional>
-#include <string>
-
-#include "quant/quant_checks.h"
+#include "quant/cutlass_gemm.h"
 
 namespace mgpt::quant {
 namespace {
@@ -109,22 +92,9 @@ struct RowScaledFp8Gemm {
          stride_b},
         {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
 
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, kOp,
-                ": CUTLASS cannot run this problem (alignment or size): a ", shape_of(a), ", b ", shape_of(b));
-    at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                     a.options().dtype(at::kByte));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
-    const cutlass::Status status = gemm.run(args, workspace.data_ptr(), stream);
-    TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ",
-                cutlassGetStatusString(status));
+    run_cutlass_gemm<Gemm>(kOp, args, a, b);
   }
 };
-
-void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& a) {
-  TORCH_CHECK(t.device() == a.device(), kOp, ": argument '", name, "' must be on ", a.device().str(), ", got ",
-              t.device().str());
-}
 
 at::Tensor scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                           const at::Tensor& scale_b, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
@@ -135,9 +105,9 @@ at::Tensor scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Te
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && b.size(1) == a.size(1), kOp,
               ": arguments 'a' [M, K] and 'b' [N, K] must share K, got ", shape_of(a), " and ", shape_of(b));
   const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  check_cuda_tensor("b", b, a);
+  check_same_device(kOp, "b", b, a);
   for (const auto& [name, s, rows] : {std::tuple{"scale_a", &scale_a, m}, std::tuple{"scale_b", &scale_b, n}}) {
-    check_cuda_tensor(name, *s, a);
+    check_same_device(kOp, name, *s, a);
     check_dtype(kOp, name, *s, at::kFloat);
     TORCH_CHECK(s->dim() == 2 && s->size(1) == 1 && (s->size(0) == 1 || s->size(0) == rows), kOp, ": argument '",
                 name, "' must have shape [1, 1] or [", std::to_string(rows), ", 1], got ", shape_of(*s));
@@ -146,7 +116,7 @@ at::Tensor scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int64_t out_bytes = at::elementSize(out_dtype);
   TORCH_CHECK(k % 16 == 0 && (n * out_bytes) % 16 == 0, kOp, ": the CUDA kernel needs K % 16 == 0 and 16-byte "
               "aligned output rows, got K = ", std::to_string(k), ", N = ", std::to_string(n));
-  if (bias.has_value()) check_cuda_tensor("bias", *bias, a);
+  if (bias.has_value()) check_same_device(kOp, "bias", *bias, a);
 
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));

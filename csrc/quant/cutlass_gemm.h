@@ -1,0 +1,48 @@
+// Shared by the CUTLASS GEMM faces (scaled_mm_sm90.cu, block_scaled_mm_sm90.cu): the headers a CUTLASS 3
+// sm_90a GEMM is built from, the argument-device check, and the launch of a built GemmUniversalAdapter with
+// its workspace on the current stream. Include only where the CUTLASS headers exist (inside
+// `#if __has_include(<cutlass/cutlass.h>)`).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cutlass/cutlass.h>
+#include <cute/tensor.hpp>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include <optional>
+#include <string>
+
+#include "quant/quant_checks.h"
+
+namespace mgpt::quant {
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.device() == a.device(), op, ": argument '", name, "' must be on ", a.device().str(), ", got ",
+              t.device().str());
+}
+
+// Run ``args`` on a's device and current stream; a problem CUTLASS cannot take (alignment, size) is an error
+// naming the operands, never a launch.
+template <typename Gemm>
+void run_cutlass_gemm(const char* op, const typename Gemm::Arguments& args, const at::Tensor& a,
+                      const at::Tensor& b) {
+  Gemm gemm;
+  TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, op,
+              ": CUTLASS cannot run this problem (alignment or size): a ", shape_of(a), ", b ", shape_of(b));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                   a.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+  const cutlass::Status status = gemm.run(args, workspace.data_ptr(), stream);
+  TORCH_CHECK(status == cutlass::Status::kSuccess, op, ": CUTLASS launch failed: ", cutlassGetStatusString(status));
+}
+
+}  // namespace mgpt::quant
