@@ -122,22 +122,7 @@ at::Tensor block_scaled_mm_sm90(const at::Tensor& a, const at::Tensor& b, const 
                 std::to_string(n), "], got ", shape_of(*bias));
   }
 
-  const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
-  if (m == 0 || n == 0) return out;
-  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
-  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
-  const std::optional<at::Tensor> bias_f =
-      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
-  const float* bias_p = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
-  if (out_dtype == at::kBFloat16) {
-    BlockScaledFp8Gemm<cutlass::bfloat16_t>::run(a_c, b_c, sa, sb, bias_p, out);
-  } else if (out_dtype == at::kHalf) {
-    BlockScaledFp8Gemm<cutlass::half_t>::run(a_c, b_c, sa, sb, bias_p, out);
-  } else {
-    BlockScaledFp8Gemm<float>::run(a_c, b_c, sa, sb, bias_p, out);
-  }
-  return out;
+  return launch_fp8_gemm<BlockScaledFp8Gemm>(a, b, scale_a, scale_b, out_dtype, bias);
 }
 
 }  // namespace

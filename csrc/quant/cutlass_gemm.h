@@ -45,4 +45,29 @@ void run_cutlass_gemm(const char* op, const typename Gemm::Arguments& args, cons
   TORCH_CHECK(status == cutlass::Status::kSuccess, op, ": CUTLASS launch failed: ", cutlassGetStatusString(status));
 }
 
+// The common body of an FP8 GEMM face after its argument checks: out [M, N] in ``out_dtype`` on a's device,
+// contiguous operands and scales, the bias in fp32 (a null pointer when absent), then
+// ``Fp8Gemm<ElementD>::run(a, b, scale_a, scale_b, bias, out)`` for the output dtype.
+template <template <typename> class Fp8Gemm>
+at::Tensor launch_fp8_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
+                           const at::Tensor& scale_b, at::ScalarType out_dtype, const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t m = a.size(0), n = b.size(0);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
+  const std::optional<at::Tensor> bias_f =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const float* bias_p = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  if (out_dtype == at::kBFloat16) {
+    Fp8Gemm<cutlass::bfloat16_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else if (out_dtype == at::kHalf) {
+    Fp8Gemm<cutlass::half_t>::run(a_c, b_c, sa, sb, bias_p, out);
+  } else {
+    Fp8Gemm<float>::run(a_c, b_c, sa, sb, bias_p, out);
+  }
+  return out;
+}
+
 }  // namespace mgpt::quant
