@@ -73,12 +73,7 @@ struct BlockScaledFp8Gemm {
   static void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
                   const float* bias, at::Tensor& out) {
     const int m = static_cast<int>(a.size(0)), n = static_cast<int>(b.size(0)), k = static_cast<int>(a.size(1));
-    using StrideA = typename Kernel::StrideA;
-    using StrideB = typename Kernel::StrideB;
-    using StrideD = typename Kernel::StrideD;
-    const StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1));
-    const StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(n, k, 1));
-    const StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(m, n, 1));
+    const PackedStrides<Kernel> strides(m, n, k);
     // [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] row-major: exactly these K-major layouts
     const LayoutSFA layout_sfa = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
     const LayoutSFB layout_sfb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
@@ -87,9 +82,9 @@ struct BlockScaledFp8Gemm {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, 1},
-        {static_cast<const ElementA*>(a.const_data_ptr()), stride_a, static_cast<const ElementB*>(b.const_data_ptr()),
-         stride_b, scale_a.const_data_ptr<float>(), layout_sfa, scale_b.const_data_ptr<float>(), layout_sfb},
-        {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
+        {static_cast<const ElementA*>(a.const_data_ptr()), strides.a, static_cast<const ElementB*>(b.const_data_ptr()),
+         strides.b, scale_a.const_data_ptr<float>(), layout_sfa, scale_b.const_data_ptr<float>(), layout_sfb},
+        {epilogue_args, nullptr, strides.d, static_cast<ElementD*>(out.data_ptr()), strides.d}};
 
     run_cutlass_gemm<Gemm>(kOp, args, a, b);
   }

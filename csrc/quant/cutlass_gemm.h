@@ -30,6 +30,19 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               t.device().str());
 }
 
+// Packed (contiguous) strides of a [M, K], b [N, K] and out [M, N] in the layouts of a GemmUniversal ``Kernel``.
+template <typename Kernel>
+struct PackedStrides {
+  typename Kernel::StrideA a;
+  typename Kernel::StrideB b;
+  typename Kernel::StrideD d;
+
+  PackedStrides(int m, int n, int k)
+      : a(cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, 1))),
+        b(cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, 1))),
+        d(cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, 1))) {}
+};
+
 // Run ``args`` on a's device and current stream; a problem CUTLASS cannot take (alignment, size) is an error
 // naming the operands, never a launch.
 template <typename Gemm>

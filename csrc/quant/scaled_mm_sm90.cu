@@ -73,12 +73,7 @@ struct RowScaledFp8Gemm {
   static void run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a, const at::Tensor& scale_b,
                   const float* bias, at::Tensor& out) {
     const int m = static_cast<int>(a.size(0)), n = static_cast<int>(b.size(0)), k = static_cast<int>(a.size(1));
-    using StrideA = typename Kernel::StrideA;
-    using StrideB = typename Kernel::StrideB;
-    using StrideD = typename Kernel::StrideD;
-    const StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, make_shape(m, k, 1));
-    const StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(n, k, 1));
-    const StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(m, n, 1));
+    const PackedStrides<Kernel> strides(m, n, k);
 
     typename Output::Arguments epilogue_args{
         {scale_a.const_data_ptr<float>(), 0.0f, {scale_a.size(0) != 1, _0{}, _0{}}},  // ScaleA
@@ -88,9 +83,9 @@ struct RowScaledFp8Gemm {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, 1},
-        {static_cast<const ElementA*>(a.const_data_ptr()), stride_a, static_cast<const ElementB*>(b.const_data_ptr()),
-         stride_b},
-        {epilogue_args, nullptr, stride_d, static_cast<ElementD*>(out.data_ptr()), stride_d}};
+        {static_cast<const ElementA*>(a.const_data_ptr()), strides.a, static_cast<const ElementB*>(b.const_data_ptr()),
+         strides.b},
+        {epilogue_args, nullptr, strides.d, static_cast<ElementD*>(out.data_ptr()), strides.d}};
 
     run_cutlass_gemm<Gemm>(kOp, args, a, b);
   }
