@@ -182,16 +182,45 @@ def test_qwen3_vl_moe_round_trip(tmp_path):
 # Qwen's published FP8 layout, written by hand
 # --------------------------------------------------------------------------------------------------------
 def block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent 128x128 block FP8 quantizer (float64): scale = block amax / 448, q = w / scale."""
+    """Independent 128x128 block FP8 quantizer as Qwen publishes it: scale = block amax / 448 stored in bf16
+    (Qwen's FP8 checkpoints hold ``weight_scale_inv`` in bf16), q = w / that bf16 scale (float64 division)."""
     n, k = w.shape
-    scale = torch.empty(math.ceil(n / 128), math.ceil(k / 128), dtype=torch.float64)
+    scale = torch.empty(math.ceil(n / 128), math.ceil(k / 128), dtype=BF16)
     q = torch.empty(n, k, dtype=FP8)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
             block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double()
             scale[i, j] = block.abs().max() / 448
-            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / scale[i, j]).clamp(-448, 448).to(FP8)
-    return q, scale.float()
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / scale[i, j].double()).clamp(-448, 448).to(FP8)
+    return q, scale
+
+
+def block_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 weight of a 128x128-block FP8 tensor (the published formula: q * weight_scale_inv per block)."""
+    n, k = q.shape
+    full = scale.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return q.double() * full
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], folder) -> None:
+    """Two safetensors shards and their index, as the hub's large checkpoints are laid out."""
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+
+
+def per_expert_fp8(name: str, t: torch.Tensor, tensors: dict) -> None:
+    """transformers' fused experts tensor -> Qwen's per-expert FP8 tensors (``<experts>.{e}.<proj>.weight``)."""
+    owner = name.rpartition(".")[0]
+    parts = {"gate_proj": t.chunk(2, 1)[0], "up_proj": t.chunk(2, 1)[1]} if name.endswith("gate_up_proj") else \
+        {"down_proj": t}
+    for proj, w in parts.items():
+        for e in range(w.shape[0]):
+            tensors[f"{owner}.{e}.{proj}.weight"], tensors[f"{owner}.{e}.{proj}.weight_scale_inv"] = block_quantize(w[e])
 
 
 def test_loads_qwen_fp8_checkpoint(tmp_path):
@@ -200,23 +229,12 @@ def test_loads_qwen_fp8_checkpoint(tmp_path):
     for name, t in source.state_dict().items():
         owner = name.rpartition(".")[0]
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            parts = {"gate_proj": t.chunk(2, 1)[0], "up_proj": t.chunk(2, 1)[1]} if "gate_up" in name else \
-                {"down_proj": t}
-            for proj, w in parts.items():
-                for e in range(w.shape[0]):
-                    q, s = block_quantize(w[e])
-                    tensors[f"{owner}.{e}.{proj}.weight"], tensors[f"{owner}.{e}.{proj}.weight_scale_inv"] = q, s
+            per_expert_fp8(name, t, tensors)
         elif isinstance(source.get_submodule(owner), nn.Linear) and owner != "lm_head":
             tensors[name], tensors[f"{owner}.weight_scale_inv"] = block_quantize(t)
         else:
-            tensors[name] = t.contiguous()
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for file, keys in shards.items():
-        save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+            tensors[name] = t
+    write_sharded(tensors, tmp_path)
     config = copy.deepcopy(source.config)
     config.architectures = ["Qwen3MoeForCausalLM"]
     config.quantization_config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -231,11 +249,80 @@ def test_loads_qwen_fp8_checkpoint(tmp_path):
                        tensors["model.layers.1.self_attn.q_proj.weight"].view(torch.uint8))
     experts = loaded.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts)
+    assert experts.up_proj.weight_scale_inv.dtype == F32  # widened from the checkpoint's bf16, exactly
     assert torch.equal(experts.up_proj.weight_scale_inv[2],
-                       tensors["model.layers.0.mlp.experts.2.up_proj.weight_scale_inv"])
+                       tensors["model.layers.0.mlp.experts.2.up_proj.weight_scale_inv"].float())
     assert loaded.model.layers[0].mlp.gate.weight.dtype == BF16  # the router stays as the checkpoint has it
     ids = torch.randint(0, 512, (2, 7))
     assert rel_err(logits(loaded, ids), logits(source, ids)) < 0.2
+
+
+VL_NOT_CONVERTED = ["lm_head", "model.language_model.embed_tokens", "model.visual.merger",
+                    "model.visual.deepstack_merger_list", "model.visual.patch_embed", "mlp.gate"]
+
+
+def test_loads_qwen3_vl_moe_fp8_checkpoint_as_published(tmp_path):
+    """Qwen3-VL-MoE in the layout of Qwen's FP8 releases: nested text/vision config with the quantization_config at
+    the top, ``model.language_model.*`` / ``model.visual.*`` names, per-expert FP8 experts, bf16 block scales,
+    vision-block linears in FP8 too (with bias, widths that are not multiples of 128), mergers kept in bf16."""
+    vision = dict(depth=2, hidden_size=144, num_heads=2, intermediate_size=200, out_hidden_size=192, patch_size=16,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    text = dict(vocab_size=128, hidden_size=192, intermediate_size=256, moe_intermediate_size=80, num_experts=4,
+                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    config = Qwen3VLMoeConfig(vision_config=vision, text_config=text, image_token_id=100, video_token_id=101,
+                              vision_start_token_id=102, vision_end_token_id=103)
+    torch.manual_seed(0)
+    source = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=BF16).eval()
+    dequantized = copy.deepcopy(source)  # the published formula applied to the checkpoint's tensors
+    tensors = {}
+    for name, t in source.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            per_expert_fp8(name, t, tensors)
+            parts = []
+            for e in range(t.shape[0]):
+                projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+                parts.append(torch.cat([block_dequantize(tensors[f"{owner}.{e}.{p}.weight"],
+                                                         tensors[f"{owner}.{e}.{p}.weight_scale_inv"]) for p in projs]))
+            dequantized.get_parameter(name).data.copy_(torch.stack(parts))
+        elif name.endswith(".weight") and isinstance(source.get_submodule(owner), nn.Linear) and \
+                not any(part in owner for part in VL_NOT_CONVERTED):
+            tensors[name], tensors[f"{owner}.weight_scale_inv"] = block_quantize(t)
+            dequantized.get_parameter(name).data.copy_(block_dequantize(tensors[name],
+                                                                        tensors[f"{owner}.weight_scale_inv"]))
+        else:
+            tensors[name] = t
+    assert tensors["model.visual.blocks.1.mlp.linear_fc1.weight_scale_inv"].shape == (2, 2)  # 200 x 144: partial
+    assert tensors["model.visual.blocks.1.attn.qkv.weight_scale_inv"].dtype == BF16
+    write_sharded(tensors, tmp_path)
+    folder_config = copy.deepcopy(config)
+    folder_config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    folder_config.quantization_config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [128, 128], "modules_to_not_convert": VL_NOT_CONVERTED}
+    folder_config.save_pretrained(tmp_path)
+
+    loaded = load_quantized(tmp_path)
+    converted = set(loaded.mgpt_quantization.converted)
+    assert {"model.visual.blocks.0.attn.qkv", "model.visual.blocks.1.mlp.linear_fc2",
+            "model.language_model.layers.1.self_attn.o_proj", "model.language_model.layers.0.mlp.experts"} <= converted
+    assert not any(part in name for name in converted for part in VL_NOT_CONVERTED)
+    fc1 = loaded.model.visual.blocks[1].mlp.linear_fc1
+    assert isinstance(fc1, QuantizedLinear) and fc1.bias is not None and fc1.weight_scale_inv.dtype == F32
+    assert torch.equal(fc1.weight_scale_inv, tensors["model.visual.blocks.1.mlp.linear_fc1.weight_scale_inv"].float())
+    assert type(loaded.model.visual.merger.linear_fc1) is nn.Linear
+    assert loaded.model.visual.merger.linear_fc1.weight.dtype == BF16
+
+    grid = torch.tensor([[1, 4, 6]])  # one image of 4 x 6 patches: 6 tokens after the 2 x 2 merge
+    pixels = torch.randn(24, 3 * 2 * 16 * 16, dtype=BF16)
+    ids = torch.tensor([[5, 6, 102] + [100] * 6 + [103, 8, 9, 10]])
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == 100).long())
+    with torch.no_grad():
+        got, want, bf16 = (m(**inputs).logits.float() for m in (loaded, dequantized, source))
+    # loaded vs the dequantized weights: only the dynamic 1x128 FP8 activation quantization differs
+    assert rel_err(got, want) < 0.08  # measured 0.036
+    assert rel_err(got, bf16) < 0.15  # measured 0.059
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,9 +363,10 @@ def test_bad_tensors(saved_fp8):
     tensors["model.layers.1.mlp.experts.3.gate_proj.weight"] = \
         tensors["model.layers.1.mlp.experts.2.gate_proj.weight"].clone()
     tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"] = \
-        tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"].to(BF16)
+        tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"].to(torch.float64)
     save_file(tensors, path)
-    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight_scale_inv' must be torch.float32"):
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight_scale_inv' must be torch.float32, "
+                                         "got torch.float64"):
         load_quantized(saved_fp8)
     del tensors["model.norm.weight"]
     tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"] = torch.ones(1, 1)

@@ -11,7 +11,8 @@ The loader builds the model from ``config.json`` with its parameters on the meta
 memory), turns into quantized modules exactly the layers whose quantized tensors the files hold (so Qwen's
 published FP8 checkpoints -- ``"quant_method": "fp8"``, ``"weight_block_size": [128, 128]``, per-expert
 ``weight_scale_inv`` -- load into ``fp8_block128`` modules whatever their ``modules_to_not_convert`` says), then
-assigns the tensors and checks that nothing is missing, unexpected, or of the wrong dtype.
+assigns the tensors and checks that nothing is missing, unexpected, or of the wrong dtype. Weight scales stored in
+bf16 / fp16 (Qwen stores ``weight_scale_inv`` in bf16) are widened to the modules' fp32, which is exact.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ INDEX_NAME = "model.safetensors.index.json"
 METHOD_OF_CHECKPOINT = {v: k for k, v in CHECKPOINT_METHOD.items()} | {"fp8": "fp8_block128"}
 # A tensor with one of these suffixes marks its module as quantized in a checkpoint.
 QUANT_MARKERS = ("weight_scale", "weight_scale_inv", "qweight")
+# Qwen's published FP8 checkpoints store ``weight_scale_inv`` in bf16; the modules hold fp32 scales.
+WIDENED_SCALES = (".weight_scale", ".weight_scale_inv")
 _EXPERT_KEY = re.compile(r"^(?P<experts>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<suffix>\w+)$")
 
 
@@ -210,6 +213,12 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _widen_scales(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """bf16 / fp16 weight scales -> fp32 (exact: every 16-bit float is an fp32 value)."""
+    return {key: t.float() if key.endswith(WIDENED_SCALES) and t.dtype in (torch.bfloat16, torch.float16) else t
+            for key, t in tensors.items()}
+
+
 def _group_expert_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Split per-expert tensors off: {(experts, proj, suffix): {e: tensor}}, and the remaining tensors."""
     grouped: dict[tuple, dict[int, torch.Tensor]] = defaultdict(dict)
@@ -306,7 +315,7 @@ def load_quantized(path: str | Path, model_cls: type | None = None, *, device: t
         if model_cls is None:
             raise ValueError(f"mgpt.load_quantized: config.architectures={architectures!r} names no transformers "
                              "class; pass 'model_cls'")
-    tensors = read_tensors(folder)
+    tensors = _widen_scales(read_tensors(folder))
     experts_tensors, rest = _group_expert_tensors(tensors)
     with parameters_on_meta():
         model = model_cls._from_config(hf_config)
