@@ -220,7 +220,8 @@ def per_expert_fp8(name: str, t: torch.Tensor, tensors: dict) -> None:
         {"down_proj": t}
     for proj, w in parts.items():
         for e in range(w.shape[0]):
-            tensors[f"{owner}.{e}.{proj}.weight"], tensors[f"{owner}.{e}.{proj}.weight_scale_inv"] = block_quantize(w[e])
+            key = f"{owner}.{e}.{proj}"
+            tensors[f"{key}.weight"], tensors[f"{key}.weight_scale_inv"] = block_quantize(w[e])
 
 
 def test_loads_qwen_fp8_checkpoint(tmp_path):

@@ -38,7 +38,7 @@ from mgpt_train.build import load_data
 from mgpt_train.config import ConfigError, load_config
 from mgpt_train.data import Curriculum
 from mgpt_train.data.tokenizer import HFTokenizer
-from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel
+from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, to_hf_state_dict
 from mgpt_train.train import METRICS_FILE, Trainer, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,6 +198,33 @@ def test_moe_folder_round_trip_through_export(moe_dir, tmp_path):
         ours = trainer.model.logits(batch)
         theirs = hf_logits(hf_trained, batch, trainer.tokenizer.image_token_id, trainer.tokenizer.vision_start_id)
     assert rel_err(ours, theirs) < TOL
+    # the source folder (transformers 5's layout) in, Qwen's published layout out: fused experts transposed
+    experts = "model.language_model.layers.0.mlp.experts"
+    source, exported = load_file(moe_dir / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert source[f"{experts}.gate_up_proj"].shape == (6, 64, 96)
+    assert source[f"{experts}.down_proj"].shape == (6, 96, 32)
+    assert exported[f"{experts}.gate_up_proj"].shape == (6, 96, 64)
+    assert exported[f"{experts}.down_proj"].shape == (6, 32, 96)
+    # ... which the trainer reads back (the published layout in)
+    again = Qwen3VLModel(trainer.model.config)
+    export.load_hf_weights(again, tmp_path / "hf", trainer.model.config)
+    assert all(torch.equal(t, trainer.model.state_dict()[name]) for name, t in again.state_dict().items())
+
+
+def test_export_of_ambiguous_expert_shapes_keeps_transformers_layout_and_warns(tmp_path):
+    """hidden 128 == 2 x 64: both fused-experts layouts have one shape, transformers would read the published one
+    untransposed -- the export writes transformers 5's layout and says what that means for vLLM."""
+    cfg = load_config(None, [*SMALL, "--model.preset=tiny_moe", "--model.text.moe_intermediate_size=64"])
+    config = export.run_model_config(cfg, export.run_tokenizer(cfg))
+    torch.manual_seed(0)
+    model = Qwen3VLModel(config)
+    step = checkpoint.save(0, model, None, {}, tmp_path / "checkpoints")
+    lines = []
+    export.export_checkpoint(step, tmp_path / "hf", cfg, log=lines.append)
+    assert "warning: hidden_size 128 equals moe_intermediate_size (x2)" in lines[0] and "vLLM" in lines[0]
+    hf = load_exported(tmp_path / "hf", moe=True)
+    ours = to_hf_state_dict(model)
+    assert all(torch.equal(t, ours[name]) for name, t in hf.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------- initialisation modes

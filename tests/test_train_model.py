@@ -10,14 +10,19 @@ Tolerances (fp32, both sides fp32 math, differing only in summation order): rela
 losses and every parameter's gradient; the loss is checked against a float64 cross-entropy of HF's logits.
 """
 
+import dataclasses
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import (Qwen3VLConfig as HFQwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeConfig as HFQwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from conftest import rel_err
-from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, from_hf_state_dict, to_hf_state_dict
+from mgpt_train.model import (Qwen3VLConfig, Qwen3VLModel, experts_layouts_ambiguous, from_hf_state_dict,
+                              published_experts, to_hf_state_dict)
 from mgpt_train.model import qwen3_vl as qwen3_vl_module
 
 TOL = 1e-5
@@ -229,6 +234,29 @@ def test_to_hf_state_dict_round_trip_is_exact(which, request):
     fresh = hf_model(moe=which == "moe", tie=hf.config.tie_word_embeddings, seed=99)
     fresh.load_state_dict(back)
     assert all(torch.equal(fresh.state_dict()[n], t) for n, t in theirs.items())
+
+
+def test_published_experts_layout_reads_like_transformers_and_round_trips(moe):
+    """Qwen's published Qwen3-VL-MoE files hold the fused experts transposed ([E, H, 2I], [E, I, H]); transformers 5
+    transposes them at load (by shape), and so does from_hf_state_dict; published_experts writes that layout."""
+    hf, ours = moe
+    config = ours.config
+    assert not experts_layouts_ambiguous(config)  # H = 96, I = 32
+    published = {name: published_experts(name, t, config).contiguous() for name, t in hf.state_dict().items()}
+    gate_up = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert published[gate_up].shape == (6, 96, 64) and hf.state_dict()[gate_up].shape == (6, 64, 96)
+    assert published["model.language_model.layers.2.mlp.experts.down_proj"].shape == (6, 32, 96)
+    model = Qwen3VLModel(config)
+    model.load_state_dict(from_hf_state_dict(published, config))
+    assert all(torch.equal(t, ours.state_dict()[name]) for name, t in model.state_dict().items())
+    # transformers 5 reads the same files into the same model (its own conversion, keyed by shape)
+    with tempfile.TemporaryDirectory() as folder:
+        hf.config.save_pretrained(folder)
+        save_file(published, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        again = type(hf).from_pretrained(folder, attn_implementation="eager")
+    assert all(torch.equal(t, hf.state_dict()[name]) for name, t in again.state_dict().items())
+    assert experts_layouts_ambiguous(dataclasses.replace(config, text=dataclasses.replace(config.text,
+                                                                                           moe_intermediate_size=48)))
 
 
 def test_config_from_hf_round_trip_and_tiny_presets_build_hf_models():

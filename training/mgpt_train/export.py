@@ -19,8 +19,9 @@ Out: ``export_checkpoint`` writes config.json (``Qwen3VLConfig.to_hf``, its ``dt
 tokenizer files when the run's tokenizer is a Hugging Face one, the source folder's preprocessor_config.json, and
 the weights streamed from a DCP checkpoint of any layout (FSDP / TP / PP / EP / CP shards; DCP reassembles full
 tensors): the tensors are planned into safetensors files of at most 5 GB in model order (HF names and layouts,
-``to_hf_state_dict``; ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors`` + the index), and
-each file's tensors are read from the checkpoint, converted and written before the next file's are read. Peak
+``to_hf_state_dict``, fused MoE experts in Qwen's published layout -- see ``hf_adapter``; ``model.safetensors``
+alone, else ``model-0000i-of-0000n.safetensors`` + the index), and each file's tensors are read from the
+checkpoint, converted and written before the next file's are read. Peak
 memory: one file's tensors (a 30B-A3B model exports in ~5 GB of CPU memory, not the 124 GB of its fp32 weights).
 ``--dtype bfloat16`` halves the folder (the checkpoint's fp32 values rounded). The run's configuration comes
 from the checkpoint (the trainer stores it there) or from ``--config``.
@@ -44,7 +45,8 @@ from mgpt_train import checkpoint
 from mgpt_train.config import ConfigError, TrainConfig, config_from_dict, load_config, safetensors_files
 from mgpt_train.data.images import ImageProcessorConfig
 from mgpt_train.data.tokenizer import ByteTokenizer, HFTokenizer
-from mgpt_train.model import Qwen3VLConfig, Qwen3VLModel, from_hf_state_dict, to_hf_state_dict
+from mgpt_train.model import (Qwen3VLConfig, Qwen3VLModel, experts_layouts_ambiguous, from_hf_state_dict,
+                              published_experts, to_hf_state_dict)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -193,6 +195,13 @@ def export_checkpoint(step_folder: str | Path, out: str | Path, cfg: TrainConfig
     torch_dtype = EXPORT_DTYPES[dtype]
     files = _plan_files(shapes, torch_dtype.itemsize, max_shard_bytes)
 
+    # Fused MoE experts go out in Qwen's published layout (transformers 5 and vLLM read it), unless its shapes
+    # equal transformers 5's own: transformers would then read it untransposed.
+    published = config.is_moe and not experts_layouts_ambiguous(config)
+    if config.is_moe and not published and log is not None:
+        log(f"export: warning: hidden_size {config.text.hidden_size} equals moe_intermediate_size (x2): the fused "
+            "experts are written in transformers 5's layout, which transformers reads; vLLM reads fused Qwen3-VL-MoE "
+            "experts in Qwen's published (transposed) layout and would misread them")
     out.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf()
     hf_config.dtype = dtype
@@ -211,7 +220,7 @@ def export_checkpoint(step_folder: str | Path, out: str | Path, cfg: TrainConfig
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             dcp.load(state, checkpoint_id=step_folder, no_dist=True)
-        tensors = {name: value.to(torch_dtype).contiguous()
+        tensors = {name: (published_experts(name, value, config) if published else value).to(torch_dtype).contiguous()
                    for name, value in to_hf_state_dict(model, state["model"]).items()}
         del state
         save_file(tensors, out / file, metadata={"format": "pt"})

@@ -11,10 +11,12 @@ hf_adapter.py (HF state dicts in and out).
 
 from mgpt_train.model.attention import AttentionInfo, attention
 from mgpt_train.model.config import Qwen3VLConfig, TextConfig, VisionConfig
-from mgpt_train.model.hf_adapter import from_hf_state_dict, to_hf_state_dict
+from mgpt_train.model.hf_adapter import (experts_layouts_ambiguous, from_hf_state_dict, published_experts,
+                                         to_hf_state_dict)
 from mgpt_train.model.moe import GroupedExperts, load_balancing_loss
 from mgpt_train.model.positions import mrope_position_ids
 from mgpt_train.model.qwen3_vl import Qwen3VLModel
 
 __all__ = ["AttentionInfo", "attention", "Qwen3VLConfig", "TextConfig", "VisionConfig", "from_hf_state_dict",
-           "to_hf_state_dict", "GroupedExperts", "load_balancing_loss", "mrope_position_ids", "Qwen3VLModel"]
+           "to_hf_state_dict", "experts_layouts_ambiguous", "published_experts", "GroupedExperts",
+           "load_balancing_loss", "mrope_position_ids", "Qwen3VLModel"]

@@ -129,8 +129,10 @@ class Qwen3VLConfig:
 
     @classmethod
     def tiny_moe(cls) -> "Qwen3VLConfig":
-        """The tiny model with 8 routed experts (top-2) in every layer and an untied head, as in the 30B-A3B."""
-        text = dataclasses.replace(TextConfig(), num_experts=8, top_k=2, moe_intermediate_size=64)
+        """The tiny model with 8 routed experts (top-2) in every layer and an untied head, as in the 30B-A3B.
+        Expert width 96: hidden 128 is neither I nor 2I, so the two fused-experts layouts differ in shape (as in the
+        30B-A3B: 2048 vs 768), which exported folders need (``hf_adapter``)."""
+        text = dataclasses.replace(TextConfig(), num_experts=8, top_k=2, moe_intermediate_size=96)
         return cls(text=text, tie_word_embeddings=False)
 
     @classmethod
@@ -191,9 +193,14 @@ class Qwen3VLConfig:
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": t.rope_theta,
                                    "mrope_section": list(t.mrope_section), "mrope_interleaved": True}
         if self.is_moe:
+            # norm_topk_prob: the router renormalises the top-k weights (always, in Qwen3-VL-MoE); Qwen's published
+            # configs say so and vLLM reads the key.
             text.update(num_experts=t.num_experts, num_experts_per_tok=t.top_k,
                         moe_intermediate_size=t.moe_intermediate_size, router_aux_loss_coef=t.router_aux_loss_coef,
-                        decoder_sparse_step=t.decoder_sparse_step, mlp_only_layers=list(t.mlp_only_layers))
+                        decoder_sparse_step=t.decoder_sparse_step, mlp_only_layers=list(t.mlp_only_layers),
+                        norm_topk_prob=True)
         hf_class = HFMoe if self.is_moe else HFDense
+        # architectures: the model class, as in published configs (vLLM picks its model by it)
+        architectures = ["Qwen3VLMoeForConditionalGeneration" if self.is_moe else "Qwen3VLForConditionalGeneration"]
         return hf_class(vision_config=vision, text_config=text, tie_word_embeddings=self.tie_word_embeddings,
-                        **{name: getattr(self, name) for name in _SPECIAL_IDS})
+                        architectures=architectures, **{name: getattr(self, name) for name in _SPECIAL_IDS})
