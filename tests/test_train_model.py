@@ -11,13 +11,14 @@ losses and every parameter's gradient; the loss is checked against a float64 cro
 """
 
 import dataclasses
+import json
 import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import (Qwen3VLConfig as HFQwen3VLConfig, Qwen3VLForConditionalGeneration,
+from transformers import (AutoConfig, Qwen3VLConfig as HFQwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeConfig as HFQwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from conftest import rel_err
@@ -269,18 +270,34 @@ def test_config_from_hf_round_trip_and_tiny_presets_build_hf_models():
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
 
 
-def test_qwen3_vl_30b_a3b_preset_on_meta_device():
-    """The published Qwen3-VL-30B-A3B-Instruct config.json values, through from_hf, give our preset; the
-    parameter count equals HF's (both built on the meta device: nothing is allocated)."""
-    hf_config = HFQwen3VLMoeConfig(
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
-                           patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-                         num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
-                         num_experts=128, num_experts_per_tok=8, rms_norm_eps=1e-6,
-                         rope_parameters=dict(rope_type="default", rope_theta=5000000.0,
-                                              mrope_section=[24, 20, 20], mrope_interleaved=True)),
-        tie_word_embeddings=False)
+# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json as published (written by transformers 4.57: rope_scaling and
+# rope_theta in the text config, which transformers 5 turns into rope_parameters when it reads the file).
+PUBLISHED_30B_A3B = {
+    "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "tie_word_embeddings": False,
+    "text_config": {
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1,
+        "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 262144,
+        "mlp_only_layers": [], "model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 768,
+        "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "vision_config": {
+        "deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304, "model_type": "qwen3_vl_moe",
+        "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2},
+}
+
+
+def test_qwen3_vl_30b_a3b_preset_on_meta_device(tmp_path):
+    """The published Qwen3-VL-30B-A3B-Instruct config.json, read by transformers and through from_hf, gives our
+    preset; the parameter count equals HF's (both built on the meta device: nothing is allocated)."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_30B_A3B))
+    hf_config = AutoConfig.from_pretrained(tmp_path)
     config = Qwen3VLConfig.qwen3_vl_30b_a3b()
     assert Qwen3VLConfig.from_hf(hf_config) == config
     with torch.device("meta"):
