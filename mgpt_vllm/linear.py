@@ -11,7 +11,8 @@ parallelism), and ``apply`` running mgpt's ops with dynamically quantized activa
 (per tensor-parallel rank; N = the sum of the fused output widths.)
 
 w4a16 scales and zero points are held in fp32 whatever the checkpoint stores (bf16 / fp16 / fp32): the loader's
-copy widens them exactly, and ``w4a16_mm`` accepts fp32 scales with activations of any supported dtype.
+copy widens them exactly, and ``w4a16_mm`` accepts fp32 scales with activations of any supported dtype. The same
+holds for ``weight_scale_inv``, which Qwen's FP8 checkpoints store in bf16.
 """
 
 from __future__ import annotations

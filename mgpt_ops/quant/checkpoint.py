@@ -1,5 +1,5 @@
 """Quantized checkpoints: ``save_quantized`` / ``load_quantized`` (format: a Hugging Face folder whose
-``config.json`` carries ``quantization_config``; see the project's quantized-checkpoint format note).
+``config.json`` carries ``quantization_config``), specified below; the vLLM plugin (``mgpt_vllm``) reads it.
 
 Tensor names are the hub names: quantized linears store ``<prefix>.weight`` + ``weight_scale`` (mgpt_fp8,
 mgpt_int8), ``weight`` + ``weight_scale_inv`` (mgpt_fp8_block) or ``qweight`` + ``scales`` (+ ``zeros``)
