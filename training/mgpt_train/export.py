@@ -21,8 +21,8 @@ the weights streamed from a DCP checkpoint of any layout (FSDP / TP / PP / EP / 
 tensors): the tensors are planned into safetensors files of at most 5 GB in model order (HF names and layouts,
 ``to_hf_state_dict``, fused MoE experts in Qwen's published layout -- see ``hf_adapter``; ``model.safetensors``
 alone, else ``model-0000i-of-0000n.safetensors`` + the index), and each file's tensors are read from the
-checkpoint, converted and written before the next file's are read. Peak
-memory: one file's tensors (a 30B-A3B model exports in ~5 GB of CPU memory, not the 124 GB of its fp32 weights).
+checkpoint, converted and written before the next file's are read. Peak memory: one file's tensors (a 30B-A3B
+model exports in ~5 GB of CPU memory, not the 124 GB of its fp32 weights).
 ``--dtype bfloat16`` halves the folder (the checkpoint's fp32 values rounded). The run's configuration comes
 from the checkpoint (the trainer stores it there) or from ``--config``.
 """
