@@ -150,17 +150,24 @@ def test_save_quantizes_a_float_model_in_place(moe_bf16, tmp_path):
     assert torch.equal(logits(load_quantized(tmp_path), ids), logits(model, ids))
 
 
-def test_qwen3_vl_moe_round_trip(tmp_path):
-    vision = dict(depth=2, hidden_size=144, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=16,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0,
+def tiny_vl_moe(hidden: int, head_dim: int, expert_width: int, vision_mlp: int):
+    """A random bf16 Qwen3-VL-MoE (2 vision blocks of width 144, 2 decoder layers, 4 experts, top-2)."""
+    vision = dict(depth=2, hidden_size=144, num_heads=2, intermediate_size=vision_mlp, out_hidden_size=hidden,
+                  patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # sums to head_dim / 2
+    text = dict(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=expert_width,
+                num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=head_dim,
+                rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0,
                                  "mrope_interleaved": True})
     config = Qwen3VLMoeConfig(vision_config=vision, text_config=text, image_token_id=100, video_token_id=101,
                               vision_start_token_id=102, vision_end_token_id=103)
     torch.manual_seed(0)
-    source = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=BF16).eval()
+    return Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=BF16).eval()
+
+
+def test_qwen3_vl_moe_round_trip(tmp_path):
+    source = tiny_vl_moe(hidden=64, head_dim=32, expert_width=64, vision_mlp=64)
     model = quantize_(copy.deepcopy(source), "fp8_block128")
     state = model.mgpt_quantization
     assert state.not_converted == ["model.visual", "model.language_model.embed_tokens", "lm_head"]
@@ -266,16 +273,8 @@ def test_loads_qwen3_vl_moe_fp8_checkpoint_as_published(tmp_path):
     """Qwen3-VL-MoE in the layout of Qwen's FP8 releases: nested text/vision config with the quantization_config at
     the top, ``model.language_model.*`` / ``model.visual.*`` names, per-expert FP8 experts, bf16 block scales,
     vision-block linears in FP8 too (with bias, widths that are not multiples of 128), mergers kept in bf16."""
-    vision = dict(depth=2, hidden_size=144, num_heads=2, intermediate_size=200, out_hidden_size=192, patch_size=16,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    text = dict(vocab_size=128, hidden_size=192, intermediate_size=256, moe_intermediate_size=80, num_experts=4,
-                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0,
-                                 "mrope_interleaved": True})
-    config = Qwen3VLMoeConfig(vision_config=vision, text_config=text, image_token_id=100, video_token_id=101,
-                              vision_start_token_id=102, vision_end_token_id=103)
-    torch.manual_seed(0)
-    source = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=BF16).eval()
+    source = tiny_vl_moe(hidden=192, head_dim=64, expert_width=80, vision_mlp=200)
+    config = source.config
     dequantized = copy.deepcopy(source)  # the published formula applied to the checkpoint's tensors
     tensors = {}
     for name, t in source.state_dict().items():

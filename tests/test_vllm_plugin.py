@@ -151,7 +151,7 @@ def tiny(tmp_path_factory):
         out[name] = folder
         out["ref"][name] = {"greedy": [_greedy(quantized, p) for p in PROMPTS],
                             "logprobs": [_token_logprobs(quantized, s) for s in scored]}
-    out["qwen_fp8"] = _as_qwen_fp8_checkpoint(out["mgpt_fp8_block"], root / "qwen_fp8")
+    out["qwen_fp8"] = as_qwen_fp8_checkpoint(out["mgpt_fp8_block"], root / "qwen_fp8")
     loaded = load_quantized(out["qwen_fp8"])
     out["ref"]["qwen_fp8"] = {"greedy": [_greedy(loaded, p) for p in PROMPTS],
                               "logprobs": [_token_logprobs(loaded, s) for s in scored]}
@@ -227,9 +227,9 @@ def vllm_runs(tiny, tiny_moe, tmp_path_factory):
     return {r["name"]: r for r in _run_vllm_jobs(jobs, work)}
 
 
-def _as_qwen_fp8_checkpoint(src: Path, dst: Path) -> Path:
-    """The mgpt_fp8_block folder as Qwen publishes FP8 models: quant_method 'fp8' and the block scales
-    (``weight_scale_inv``) in bf16, as Qwen stores them; the other tensors as they are."""
+def as_qwen_fp8_checkpoint(src: Path, dst: Path) -> Path:
+    """An mgpt_fp8_block folder as Qwen publishes FP8 models: quant_method 'fp8' and the block scales
+    (``weight_scale_inv``) in bf16, as Qwen stores them; the other tensors and files as they are."""
     from safetensors.torch import load_file, save_file
 
     dst.mkdir()
@@ -238,10 +238,11 @@ def _as_qwen_fp8_checkpoint(src: Path, dst: Path) -> Path:
             (dst / f.name).symlink_to(f)
     tensors = load_file(str(src / "model.safetensors"))
     save_file({k: t.to(torch.bfloat16) if k.endswith(".weight_scale_inv") else t for k, t in tensors.items()},
-              str(dst / "model.safetensors"))
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+        "modules_to_not_convert": config["quantization_config"].get("modules_to_not_convert", [])}
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 

@@ -55,22 +55,6 @@ def _exported_folder(root: Path, preset: str, overrides: list[str]) -> Path:
     return export.export_checkpoint(step, root / "hf", cfg, log=None)
 
 
-def _as_qwen_fp8(src: Path, dst: Path) -> Path:
-    """An mgpt_fp8_block folder as Qwen publishes FP8 models: quant_method "fp8", ``weight_scale_inv`` in bf16."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    tensors = load_file(str(src / "model.safetensors"))
-    save_file({k: t.to(torch.bfloat16) if k.endswith(".weight_scale_inv") else t for k, t in tensors.items()},
-              str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [128, 128],
-                                     "modules_to_not_convert": config["quantization_config"]["modules_to_not_convert"]}
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
 def _sequences(config: dict) -> list[list[int]]:
     special = {config[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     ordinary = torch.tensor([i for i in range(config["text_config"]["vocab_size"]) if i not in special])
@@ -93,6 +77,7 @@ def runs(tmp_path_factory):
     import transformers
 
     from mgpt_ops.quant import QuantConfig, load_quantized, quantize_, save_quantized
+    from test_vllm_plugin import as_qwen_fp8_checkpoint
 
     root = tmp_path_factory.mktemp("vllm_qwen3_vl")
     cases = {"export_tiny": _exported_folder(root / "tiny", "tiny", []),
@@ -101,7 +86,7 @@ def runs(tmp_path_factory):
     for name, args in QUANT.items():
         source = moe_cls.from_pretrained(cases["export_tiny_moe"]).eval()
         cases[name] = save_quantized(quantize_(source, QuantConfig(**args)), root / name)
-    cases["qwen_fp8"] = _as_qwen_fp8(cases["mgpt_fp8_block"], root / "qwen_fp8")
+    cases["qwen_fp8"] = as_qwen_fp8_checkpoint(cases["mgpt_fp8_block"], root / "qwen_fp8")
     out, jobs = {}, []
     for name, folder in cases.items():
         config = json.loads((folder / "config.json").read_text())
