@@ -31,25 +31,15 @@ constexpr const char* kOp = "mgpt.block_scaled_mm_kernel";
 constexpr int kBlock = 128;  // the quantisation block: 1 x 128 activation groups, 128 x 128 weight blocks
 
 template <typename ElementD>
-struct BlockScaledFp8Gemm {
-  using ElementA = cutlass::float_e4m3_t;
-  using ElementB = cutlass::float_e4m3_t;
-  using ElementAcc = float;  // also the scales' type (the mainloop requires them equal)
-  using LayoutA = cutlass::layout::RowMajor;     // a [M, K]
-  using LayoutB = cutlass::layout::ColumnMajor;  // B = b^T [K, N], i.e. b [N, K] row-major
-  using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlignAB = 16;  // fp8 elements per 16-byte TMA row unit
+struct BlockScaledFp8Gemm : Fp8GemmCommon {  // ElementAcc (fp32) is also the scales' type, as the mainloop needs
   static constexpr int kAlignD = 16 / sizeof(ElementD);
-  using TileShape = Shape<_128, _128, _128>;  // one K step = one quantisation block
-  using ClusterShape = Shape<_1, _2, _1>;
+  static_assert(size<2>(TileShape{}) == kBlock, "one K step of the tile = one quantisation block");
   // scale_a: one scale per row and K block (granularity 1 x 128); scale_b: per 128 x 128 block. K-major both.
   using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::K,
                                                                 cute::GMMA::Major::K>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
   // Epilogue visitor tree: acc + bias[n] (a null bias pointer broadcasts 0), cast to ElementD.
   using Bias = fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;

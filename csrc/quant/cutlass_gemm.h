@@ -30,6 +30,23 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               t.device().str());
 }
 
+// What both FP8 faces share: e4m3 operands, a [M, K] and b [N, K] both K-major (what wgmma wants), fp32
+// accumulation, 128 x 128 x 128 tiles on 1 x 2 clusters, the cooperative epilogue. A face derives from it and adds
+// its scales, its mainloop schedule and its epilogue tree.
+struct Fp8GemmCommon {
+  using ElementA = cutlass::float_e4m3_t;
+  using ElementB = cutlass::float_e4m3_t;
+  using ElementAcc = float;
+  using LayoutA = cutlass::layout::RowMajor;     // a [M, K]
+  using LayoutB = cutlass::layout::ColumnMajor;  // B = b^T [K, N], i.e. b [N, K] row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignAB = 16;  // fp8 elements per 16-byte TMA row unit
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+};
+
 // Packed (contiguous) strides of a [M, K], b [N, K] and out [M, N] in the layouts of a GemmUniversal ``Kernel``.
 template <typename Kernel>
 struct PackedStrides {

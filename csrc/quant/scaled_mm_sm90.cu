@@ -32,20 +32,9 @@ namespace fusion = cutlass::epilogue::fusion;
 constexpr const char* kOp = "mgpt.scaled_mm_kernel";
 
 template <typename ElementD>
-struct RowScaledFp8Gemm {
-  using ElementA = cutlass::float_e4m3_t;
-  using ElementB = cutlass::float_e4m3_t;
-  using ElementAcc = float;
-  using LayoutA = cutlass::layout::RowMajor;     // a [M, K]
-  using LayoutB = cutlass::layout::ColumnMajor;  // B = b^T [K, N], i.e. b [N, K] row-major
-  using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlignAB = 16;  // fp8 elements per 16-byte TMA row unit
+struct RowScaledFp8Gemm : Fp8GemmCommon {
   static constexpr int kAlignD = 16 / sizeof(ElementD);
-  using TileShape = Shape<_128, _128, _128>;
-  using ClusterShape = Shape<_1, _2, _1>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
   // Epilogue visitor tree: scale_a[m] * (scale_b[n] * acc) + bias[n].
   using ScaleA = fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, _0>>;
